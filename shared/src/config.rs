@@ -1,0 +1,78 @@
+//! Protocol knobs shared by both binaries, with defaults and presets.
+//!
+//! Loading (files, environment, flags) and identity live in the binaries; this is only
+//! the documented data and its validation.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Tuning of the sync core.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyncConfig {
+    /// Largest frame accepted or sent, in bytes. Bounds per-connection buffering.
+    pub max_frame_bytes: usize,
+    /// How often peers re-exchange inventories to repair anything a link lost, in milliseconds.
+    pub anti_entropy_interval_ms: u64,
+    /// Fold a document's incremental changes into a new snapshot after this many.
+    pub compact_after_changes: usize,
+    /// Largest clock drift accepted from a peer's timestamps, in milliseconds.
+    pub max_clock_drift_ms: u64,
+}
+
+/// A configuration value is out of its allowed range.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid sync configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl SyncConfig {
+    /// Smallest allowed `max_frame_bytes`: an inventory message must fit.
+    pub const MIN_FRAME_BYTES: usize = 1024 * 1024;
+    /// Largest allowed `max_frame_bytes`.
+    pub const MAX_FRAME_BYTES: usize = 256 * 1024 * 1024;
+
+    /// Preset for edge agents: small buffers, frequent repair of a flaky uplink.
+    pub fn edge() -> Self {
+        Self {
+            max_frame_bytes: 16 * 1024 * 1024,
+            anti_entropy_interval_ms: 15_000,
+            compact_after_changes: 512,
+            max_clock_drift_ms: 500,
+        }
+    }
+
+    /// Preset for hubs: larger frames for bulk catch-up.
+    pub fn hub() -> Self {
+        Self { max_frame_bytes: 32 * 1024 * 1024, anti_entropy_interval_ms: 30_000, ..Self::edge() }
+    }
+
+    /// Checks every value against its range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(Self::MIN_FRAME_BYTES..=Self::MAX_FRAME_BYTES).contains(&self.max_frame_bytes) {
+            return Err(ConfigError(format!(
+                "max_frame_bytes must be between {} and {}",
+                Self::MIN_FRAME_BYTES,
+                Self::MAX_FRAME_BYTES
+            )));
+        }
+        if self.anti_entropy_interval_ms < 10 {
+            return Err(ConfigError("anti_entropy_interval_ms must be at least 10".into()));
+        }
+        if self.compact_after_changes == 0 {
+            return Err(ConfigError("compact_after_changes must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// The anti-entropy interval as a duration.
+    pub fn anti_entropy_interval(&self) -> Duration {
+        Duration::from_millis(self.anti_entropy_interval_ms)
+    }
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self::edge()
+    }
+}

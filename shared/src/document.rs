@@ -1,0 +1,142 @@
+//! One replicated document in memory, and the panic boundary around Automerge.
+//!
+//! Automerge can panic on some malformed inputs. Every call that hands it bytes from outside
+//! goes through [`guarded`], so a hostile peer costs one document reload, never the process.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use automerge::{ActorId, Automerge, Change, ChangeHash};
+use sha2::{Digest, Sha256};
+
+use crate::ids::Collection;
+use crate::message::HeadsDigest;
+use crate::store_task::StoredDoc;
+
+/// Automerge panicked or refused the input.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DocumentError {
+    /// Automerge returned an error; the document is unchanged.
+    #[error("automerge refused the input: {0}")]
+    Refused(String),
+    /// Automerge panicked; the in-memory document can no longer be trusted.
+    #[error("automerge panicked on the input: {0}")]
+    Panicked(String),
+}
+
+/// Runs `f`, turning a panic into [`DocumentError::Panicked`].
+pub fn guarded<T>(f: impl FnOnce() -> Result<T, automerge::AutomergeError>) -> Result<T, DocumentError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(DocumentError::Refused(error.to_string())),
+        Err(panic) => {
+            let text = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_owned());
+            Err(DocumentError::Panicked(text))
+        }
+    }
+}
+
+/// A document held in memory with what the node knows about its storage.
+#[derive(Debug)]
+pub struct Document {
+    /// The Automerge document.
+    pub doc: Automerge,
+    /// Its collection.
+    pub collection: Collection,
+    /// Changes stored since the last snapshot (drives compaction).
+    pub changes_since_snapshot: usize,
+    /// True while no change has been stored: a placeholder created to receive a peer's copy.
+    pub is_placeholder: bool,
+}
+
+impl Document {
+    /// An empty document for `collection`, editing as `actor`.
+    pub fn new(collection: Collection, actor: ActorId) -> Self {
+        Self {
+            doc: Automerge::new().with_actor(actor),
+            collection,
+            changes_since_snapshot: 0,
+            is_placeholder: true,
+        }
+    }
+
+    /// Rebuilds a document from storage. Malformed stored bytes are an error, not a panic.
+    pub fn load(stored: &StoredDoc, actor: ActorId) -> Result<Self, DocumentError> {
+        let mut doc = match &stored.snapshot {
+            Some(snapshot) => guarded(|| Automerge::load(snapshot))?,
+            None => Automerge::new(),
+        };
+        let changes = stored
+            .changes
+            .iter()
+            .map(|bytes| Change::from_bytes(bytes.clone()).map_err(|e| DocumentError::Refused(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        guarded(|| doc.apply_changes(changes))?;
+        doc.set_actor(actor);
+        Ok(Self {
+            doc,
+            collection: stored.collection.clone(),
+            changes_since_snapshot: stored.changes.len(),
+            is_placeholder: false,
+        })
+    }
+
+    /// The encoded changes added since `before`, for storage.
+    pub fn changes_since(&self, before: &[ChangeHash]) -> Vec<Vec<u8>> {
+        self.doc.get_changes(before).into_iter().map(|c| c.raw_bytes().to_vec()).collect()
+    }
+
+    /// The materialized JSON of the document.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(automerge::AutoSerde::from(&self.doc)).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Digest of a set of heads, independent of their order.
+pub fn heads_digest(heads: &[ChangeHash]) -> HeadsDigest {
+    let mut sorted: Vec<&ChangeHash> = heads.iter().collect();
+    sorted.sort();
+    let mut hasher = Sha256::new();
+    for head in sorted {
+        hasher.update(head.0);
+    }
+    hasher.finalize().into()
+}
+
+/// Heads as lowercase hex strings, the form Automerge's JavaScript API uses.
+pub fn heads_hex(heads: &[ChangeHash]) -> Vec<String> {
+    heads.iter().map(ToString::to_string).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guarded_turns_a_panic_into_an_error() {
+        let result: Result<(), _> = guarded(|| panic!("boom"));
+        assert_eq!(result, Err(DocumentError::Panicked("boom".into())));
+    }
+
+    #[test]
+    fn heads_digest_ignores_order() {
+        let a = ChangeHash([1; 32]);
+        let b = ChangeHash([2; 32]);
+        assert_eq!(heads_digest(&[a, b]), heads_digest(&[b, a]));
+        assert_ne!(heads_digest(&[a]), heads_digest(&[a, b]));
+    }
+
+    #[test]
+    fn garbage_snapshot_is_an_error_not_a_panic() {
+        let stored = StoredDoc {
+            doc_id: crate::ids::DocId::from_slice(&[1; 16]).unwrap(),
+            collection: "c".parse().unwrap(),
+            snapshot: Some(vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3]),
+            changes: vec![vec![9, 9, 9]],
+        };
+        assert!(Document::load(&stored, ActorId::random()).is_err());
+    }
+}

@@ -1,0 +1,186 @@
+//! The messages peers exchange, and their versioned encoding inside a frame.
+//!
+//! Every frame payload starts with one byte naming the protocol version, followed by a
+//! postcard-encoded [`Envelope`]: the sender's HLC timestamp and one [`Message`]. A peer
+//! that speaks another version gets a [`Message::Refuse`] that names ours, then the
+//! connection closes.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{Collection, DocId, NodeId};
+
+/// The protocol version this build speaks (also in the ALPN string).
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// ALPN protocol name for QUIC connections.
+pub const ALPN: &[u8] = b"cairn/1";
+
+/// Most inventory entries in one frame; a larger inventory is sent in several frames.
+pub const MAX_INVENTORY_ENTRIES_PER_MESSAGE: usize = 4096;
+
+/// What a node is, announced in its hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// An edge agent on a device.
+    Agent,
+    /// A regional hub.
+    Hub,
+}
+
+/// A digest of a document's heads: equal digests mean equal documents.
+pub type HeadsDigest = [u8; 32];
+
+/// One document in an inventory: enough to tell whether the receiver must sync it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryEntry {
+    /// The document.
+    pub doc_id: DocId,
+    /// Its collection (fixed at creation).
+    pub collection: Collection,
+    /// Digest of the sender's current heads.
+    pub heads_digest: HeadsDigest,
+}
+
+/// A protocol message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// First message on every connection, in both directions.
+    Hello {
+        /// The sender's node id; must match the id proven by its certificate.
+        node_id: NodeId,
+        /// What the sender is.
+        role: Role,
+    },
+    /// The sender is closing the connection, and says why.
+    Refuse {
+        /// A human-readable reason.
+        reason: String,
+        /// The protocol version the sender speaks.
+        protocol_version: u8,
+    },
+    /// The sender's documents (or a chunk of them) with heads digests.
+    Inventory {
+        /// At most [`MAX_INVENTORY_ENTRIES_PER_MESSAGE`] entries.
+        entries: Vec<InventoryEntry>,
+    },
+    /// One Automerge sync message for one document.
+    DocSync {
+        /// The document.
+        doc_id: DocId,
+        /// Its collection, so a receiver that lacks the document can file it.
+        collection: Collection,
+        /// Automerge's encoded sync message.
+        sync_message: Vec<u8>,
+    },
+}
+
+/// A message with the sender's HLC timestamp.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// When the sender sent it, by its hybrid logical clock.
+    pub sent_at: uhlc::Timestamp,
+    /// The message.
+    pub message: Message,
+}
+
+/// Why a frame payload is not a message we accept.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The payload names a protocol version we do not speak.
+    #[error("unsupported protocol version {got}; this node speaks version {PROTOCOL_VERSION}")]
+    UnsupportedVersion {
+        /// The version byte received.
+        got: u8,
+    },
+    /// The bytes do not decode as a message.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// A well-formed message breaks a limit.
+    #[error("message breaks a limit: {0}")]
+    OverLimit(String),
+}
+
+impl Envelope {
+    /// The frame payload: version byte, then the encoded envelope.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![PROTOCOL_VERSION];
+        // Serializing these plain data types into a Vec cannot fail.
+        let body = postcard::to_allocvec(self).unwrap_or_default();
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Parses a frame payload from a peer.
+    pub fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
+        let (&version, body) = payload
+            .split_first()
+            .ok_or_else(|| DecodeError::Malformed("empty payload".into()))?;
+        if version != PROTOCOL_VERSION {
+            return Err(DecodeError::UnsupportedVersion { got: version });
+        }
+        let (envelope, rest): (Envelope, &[u8]) =
+            postcard::take_from_bytes(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(DecodeError::Malformed(format!("{} trailing bytes", rest.len())));
+        }
+        if let Message::Inventory { entries } = &envelope.message {
+            if entries.len() > MAX_INVENTORY_ENTRIES_PER_MESSAGE {
+                return Err(DecodeError::OverLimit(format!(
+                    "inventory of {} entries, at most {MAX_INVENTORY_ENTRIES_PER_MESSAGE} per message",
+                    entries.len()
+                )));
+            }
+        }
+        Ok(envelope)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp() -> uhlc::Timestamp {
+        uhlc::Timestamp::new(uhlc::NTP64(42), uhlc::ID::try_from([1u8; 16]).unwrap())
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let envelope = Envelope {
+            sent_at: stamp(),
+            message: Message::Hello { node_id: NodeId::from_bytes([3; 16]), role: Role::Agent },
+        };
+        assert_eq!(Envelope::decode(&envelope.encode()), Ok(envelope));
+    }
+
+    #[test]
+    fn unknown_version_and_garbage_are_refused() {
+        let mut payload = Envelope {
+            sent_at: stamp(),
+            message: Message::Inventory { entries: vec![] },
+        }
+        .encode();
+        payload[0] = 9;
+        assert_eq!(Envelope::decode(&payload), Err(DecodeError::UnsupportedVersion { got: 9 }));
+        assert!(matches!(Envelope::decode(&[PROTOCOL_VERSION, 0xff, 0xff, 0xff]), Err(DecodeError::Malformed(_))));
+        assert!(matches!(Envelope::decode(&[]), Err(DecodeError::Malformed(_))));
+    }
+
+    #[test]
+    fn invalid_collection_on_the_wire_is_malformed() {
+        let envelope = Envelope {
+            sent_at: stamp(),
+            message: Message::DocSync {
+                doc_id: DocId::from_slice(&[5; 16]).unwrap(),
+                collection: "ok".parse().unwrap(),
+                sync_message: vec![],
+            },
+        };
+        let payload = envelope.encode();
+        // Replace the collection's bytes "ok" with "/." which is not a valid name.
+        let at = payload.windows(2).position(|w| w == b"ok").unwrap();
+        let mut bad = payload.clone();
+        bad[at] = b'/';
+        bad[at + 1] = b'.';
+        assert!(matches!(Envelope::decode(&bad), Err(DecodeError::Malformed(_))));
+    }
+}

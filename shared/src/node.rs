@@ -1,0 +1,622 @@
+//! The sync core of one node: a deterministic state machine with no I/O.
+//!
+//! The control loop, as a driver runs it:
+//! 1. feed an [`Input`] (transport bytes, a connection event, a local request, a store reply)
+//!    through [`Node::handle_input`], or call [`Node::handle_timeout`] when
+//!    [`Node::poll_timeout`] is due;
+//! 2. drain [`Node::poll_output`] and carry out each [`Output`] (send bytes, close a
+//!    connection, run a store task, answer a request);
+//! 3. repeat.
+//!
+//! Invariants:
+//! - A local write is answered only after the store reports its task committed.
+//! - After the node applies changes from anywhere, it tells its peers only once those changes are
+//!   committed, so a hub never advertises heads it could lose in a crash.
+//! - Input from a peer never panics the node: framing, decoding and Automerge errors close that
+//!   connection with a [`Message::Refuse`] that says why.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Instant;
+
+use automerge::sync::{self, SyncDoc};
+use automerge::{ActorId, ChangeHash};
+
+use crate::config::SyncConfig;
+use crate::document::{guarded, heads_digest, heads_hex, Document, DocumentError};
+use crate::frame::encode_frame;
+use crate::ids::{Collection, DocId, NodeId};
+use crate::message::{Envelope, InventoryEntry, Message, Role, MAX_INVENTORY_ENTRIES_PER_MESSAGE, PROTOCOL_VERSION};
+use crate::ops::{apply_ops, Op, OpError};
+use crate::peer::{Peer, PeerPhase};
+use crate::store_task::{StoreReply, StoreTask, StoredDoc};
+
+/// Names one transport connection, chosen by the driver.
+pub type ConnId = u64;
+/// Names one local request, chosen by the driver.
+pub type RequestId = u64;
+/// Names one store task, chosen by the node.
+pub type TaskId = u64;
+
+/// Something that happened outside the node.
+#[derive(Debug)]
+pub enum Input {
+    /// A transport connection came up; `peer` is the id its certificate proves.
+    Connected {
+        /// The connection.
+        conn: ConnId,
+        /// The authenticated peer.
+        peer: NodeId,
+    },
+    /// Bytes arrived on a connection.
+    Received {
+        /// The connection.
+        conn: ConnId,
+        /// Whatever the transport delivered; frames may be split or joined arbitrarily.
+        bytes: Vec<u8>,
+    },
+    /// A connection is gone.
+    Disconnected {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// A local application request.
+    Request {
+        /// Echoed in the response.
+        id: RequestId,
+        /// What is asked.
+        request: Request,
+    },
+    /// The store finished a task.
+    StoreDone {
+        /// The task.
+        task: TaskId,
+        /// Its outcome; an error means the store cannot be trusted and the driver stops.
+        reply: StoreReply,
+    },
+}
+
+/// A local application request.
+#[derive(Debug)]
+pub enum Request {
+    /// Create a document and apply `ops` as its first change.
+    Create {
+        /// The new document's id (drawn by the driver).
+        doc_id: DocId,
+        /// Its collection.
+        collection: Collection,
+        /// Initial content.
+        ops: Vec<Op>,
+    },
+    /// Apply `ops` to a document as one change.
+    Edit {
+        /// The document.
+        doc_id: DocId,
+        /// The edit.
+        ops: Vec<Op>,
+    },
+    /// Read a document's current state.
+    Read {
+        /// The document.
+        doc_id: DocId,
+    },
+}
+
+/// A successful answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Response {
+    /// The write is durable.
+    Written {
+        /// The document.
+        doc_id: DocId,
+        /// Its heads after the write, as hex.
+        heads: Vec<String>,
+    },
+    /// The document's current state.
+    Document {
+        /// The document.
+        doc_id: DocId,
+        /// Its collection.
+        collection: Collection,
+        /// Its heads, as hex.
+        heads: Vec<String>,
+        /// The materialized JSON.
+        doc: serde_json::Value,
+    },
+}
+
+/// Why a request failed; nothing was applied.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum RequestError {
+    /// No such document here.
+    #[error("document {0} not found")]
+    NotFound(DocId),
+    /// A document with that id exists already.
+    #[error("document {0} already exists")]
+    AlreadyExists(DocId),
+    /// The document is being reloaded after an error; try again shortly.
+    #[error("document {0} is temporarily unavailable")]
+    Unavailable(DocId),
+    /// The operations cannot be applied.
+    #[error(transparent)]
+    BadOps(#[from] OpError),
+}
+
+/// Something the driver must do.
+#[derive(Debug, PartialEq)]
+pub enum Output {
+    /// Send bytes on a connection, in order.
+    Transmit {
+        /// The connection.
+        conn: ConnId,
+        /// One or more whole frames.
+        bytes: Vec<u8>,
+    },
+    /// Close a connection (after sending what was queued for it).
+    Close {
+        /// The connection.
+        conn: ConnId,
+        /// Why, for logs.
+        reason: String,
+    },
+    /// Run a store task; answer with [`Input::StoreDone`] carrying the same id.
+    Store {
+        /// The task id.
+        task: TaskId,
+        /// What to do.
+        action: StoreTask,
+    },
+    /// Answer a local request.
+    Respond {
+        /// The request.
+        id: RequestId,
+        /// The answer.
+        result: Result<Response, RequestError>,
+    },
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    /// Frames received and decoded.
+    pub frames_received: u64,
+    /// Frames sent.
+    pub frames_sent: u64,
+    /// Bytes of frames sent.
+    pub bytes_sent: u64,
+    /// Connections closed because the peer broke the protocol.
+    pub protocol_errors: u64,
+    /// Peer timestamps refused because they were too far ahead of our clock.
+    pub clock_drift_rejections: u64,
+    /// Changes committed (local and remote).
+    pub changes_committed: u64,
+    /// Documents dropped from memory after Automerge panicked, then reloaded.
+    pub document_reloads: u64,
+}
+
+/// What to do when a store task completes.
+#[derive(Debug)]
+enum Pending {
+    /// Answer a write and announce the document.
+    Write { request: RequestId, doc_id: DocId },
+    /// Announce a document that received remote changes.
+    Announce { doc_id: DocId },
+    /// Nothing to do (compaction).
+    Nothing,
+    /// Put a reloaded document back.
+    Reload { doc_id: DocId },
+}
+
+/// The sync core of one node.
+pub struct Node {
+    node_id: NodeId,
+    role: Role,
+    actor: ActorId,
+    hlc: uhlc::HLC,
+    config: SyncConfig,
+    documents: BTreeMap<DocId, Document>,
+    /// Documents whose in-memory copy was discarded and is being read back from the store.
+    reloading: BTreeMap<DocId, ()>,
+    peers: BTreeMap<ConnId, Peer>,
+    pending: BTreeMap<TaskId, Pending>,
+    next_task: TaskId,
+    outputs: VecDeque<Output>,
+    next_anti_entropy: Option<Instant>,
+    stats: NodeStats,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("node_id", &self.node_id)
+            .field("role", &self.role)
+            .field("documents", &self.documents.len())
+            .field("peers", &self.peers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// A node with no documents. `actor` must be fresh for every start of the process, so that
+    /// changes made before a crash and after it never share an (actor, sequence) pair.
+    pub fn new(node_id: NodeId, role: Role, actor: ActorId, hlc: uhlc::HLC, config: SyncConfig) -> Self {
+        Self {
+            node_id,
+            role,
+            actor,
+            hlc,
+            config,
+            documents: BTreeMap::new(),
+            reloading: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            next_task: 0,
+            outputs: VecDeque::new(),
+            next_anti_entropy: None,
+            stats: NodeStats::default(),
+        }
+    }
+
+    /// Adds a document read from the store at start-up.
+    pub fn load(&mut self, stored: &StoredDoc) -> Result<(), DocumentError> {
+        let document = Document::load(stored, self.actor.clone())?;
+        self.documents.insert(stored.doc_id, document);
+        Ok(())
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// The node's hybrid logical clock.
+    pub fn clock(&self) -> &uhlc::HLC {
+        &self.hlc
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> &NodeStats {
+        &self.stats
+    }
+
+    /// Documents in memory.
+    pub fn documents(&self) -> impl Iterator<Item = (&DocId, &Document)> {
+        self.documents.iter().filter(|(_, d)| !d.is_placeholder)
+    }
+
+    /// Connections whose handshake completed.
+    pub fn ready_peers(&self) -> usize {
+        self.peers.values().filter(|p| p.is_ready()).count()
+    }
+
+    /// Feeds one input.
+    pub fn handle_input(&mut self, now: Instant, input: Input) {
+        self.next_anti_entropy.get_or_insert(now + self.config.anti_entropy_interval());
+        match input {
+            Input::Connected { conn, peer } => self.on_connected(conn, peer),
+            Input::Received { conn, bytes } => self.on_received(conn, &bytes),
+            Input::Disconnected { conn } => {
+                self.peers.remove(&conn);
+            }
+            Input::Request { id, request } => self.on_request(id, request),
+            Input::StoreDone { task, reply } => self.on_store_done(task, reply),
+        }
+    }
+
+    /// When [`Node::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_anti_entropy
+    }
+
+    /// Runs timers that are due: periodic anti-entropy with every ready peer.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.next_anti_entropy {
+            Some(due) if due <= now => {}
+            _ => return,
+        }
+        self.next_anti_entropy = Some(now + self.config.anti_entropy_interval());
+        let conns: Vec<ConnId> = self.peers.iter().filter(|(_, p)| p.is_ready()).map(|(c, _)| *c).collect();
+        for conn in conns {
+            self.send_inventory(conn);
+        }
+    }
+
+    /// The next thing the driver must do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    fn on_connected(&mut self, conn: ConnId, peer: NodeId) {
+        self.peers.insert(conn, Peer::new(peer, self.config.max_frame_bytes));
+        self.send(conn, Message::Hello { node_id: self.node_id, role: self.role });
+    }
+
+    fn on_received(&mut self, conn: ConnId, bytes: &[u8]) {
+        let Some(peer) = self.peers.get_mut(&conn) else { return };
+        peer.decoder.push(bytes);
+        loop {
+            let Some(peer) = self.peers.get_mut(&conn) else { return };
+            let frame = match peer.decoder.next_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return,
+                Err(error) => return self.refuse(conn, error.to_string()),
+            };
+            let envelope = match Envelope::decode(&frame) {
+                Ok(envelope) => envelope,
+                Err(error) => return self.refuse(conn, error.to_string()),
+            };
+            self.stats.frames_received += 1;
+            if self.hlc.update_with_timestamp(&envelope.sent_at).is_err() {
+                // Data still syncs; only the clock refuses to be dragged forward.
+                self.stats.clock_drift_rejections += 1;
+            }
+            self.on_message(conn, envelope.message);
+        }
+    }
+
+    fn on_message(&mut self, conn: ConnId, message: Message) {
+        let Some(peer) = self.peers.get_mut(&conn) else { return };
+        match (peer.phase, message) {
+            (PeerPhase::AwaitingHello, Message::Hello { node_id, role }) => {
+                if node_id != peer.node_id {
+                    let proven = peer.node_id;
+                    return self.refuse(conn, format!("hello names node {node_id}, certificate proves {proven}"));
+                }
+                peer.phase = PeerPhase::Ready(role);
+                self.send_inventory(conn);
+            }
+            (_, Message::Refuse { reason, .. }) => {
+                self.outputs.push_back(Output::Close { conn, reason: format!("peer refused: {reason}") });
+                self.peers.remove(&conn);
+            }
+            (PeerPhase::Ready(_), Message::Inventory { entries }) => self.on_inventory(conn, entries),
+            (PeerPhase::Ready(_), Message::DocSync { doc_id, collection, sync_message }) => {
+                self.on_doc_sync(conn, doc_id, collection, &sync_message)
+            }
+            (PeerPhase::Ready(_), Message::Hello { .. }) => self.refuse(conn, "second hello".into()),
+            (PeerPhase::AwaitingHello, _) => self.refuse(conn, "expected hello first".into()),
+        }
+    }
+
+    /// For every document the peer lists that we lack or hold differently, start a fresh sync.
+    fn on_inventory(&mut self, conn: ConnId, entries: Vec<InventoryEntry>) {
+        for entry in entries {
+            if self.reloading.contains_key(&entry.doc_id) {
+                continue;
+            }
+            let document = self
+                .documents
+                .entry(entry.doc_id)
+                .or_insert_with(|| Document::new(entry.collection.clone(), self.actor.clone()));
+            if document.collection != entry.collection {
+                continue;
+            }
+            if heads_digest(&document.doc.get_heads()) == entry.heads_digest {
+                continue;
+            }
+            if let Some(peer) = self.peers.get_mut(&conn) {
+                // A fresh state forgets anything a lost message left in flight.
+                peer.sync_states.insert(entry.doc_id, sync::State::new());
+            }
+            self.sync_with(conn, entry.doc_id);
+        }
+    }
+
+    fn on_doc_sync(&mut self, conn: ConnId, doc_id: DocId, collection: Collection, bytes: &[u8]) {
+        if self.reloading.contains_key(&doc_id) {
+            return; // The next anti-entropy round repairs what this drops.
+        }
+        let message = match sync::Message::decode(bytes) {
+            Ok(message) => message,
+            Err(error) => return self.refuse(conn, format!("bad sync message for {doc_id}: {error}")),
+        };
+        let actor = self.actor.clone();
+        let document = self.documents.entry(doc_id).or_insert_with(|| Document::new(collection.clone(), actor));
+        if document.collection != collection {
+            let expected = document.collection.clone();
+            return self.refuse(conn, format!("document {doc_id} belongs to {expected}, not {collection}"));
+        }
+        let Some(peer) = self.peers.get_mut(&conn) else { return };
+        let state = peer.sync_states.entry(doc_id).or_default();
+        let before = document.doc.get_heads();
+        match guarded(|| document.doc.receive_sync_message(state, message)) {
+            Ok(()) => {}
+            Err(DocumentError::Refused(error)) => return self.refuse(conn, format!("sync of {doc_id} refused: {error}")),
+            Err(DocumentError::Panicked(error)) => {
+                self.refuse(conn, format!("sync of {doc_id} broke the document: {error}"));
+                return self.reload(doc_id);
+            }
+        }
+        if document.doc.get_heads() == before {
+            self.sync_with(conn, doc_id);
+        } else {
+            self.persist(doc_id, &before, Pending::Announce { doc_id });
+        }
+    }
+
+    fn on_request(&mut self, id: RequestId, request: Request) {
+        let result = match request {
+            Request::Create { doc_id, collection, ops } => self.create(id, doc_id, collection, &ops),
+            Request::Edit { doc_id, ops } => self.edit(id, doc_id, &ops),
+            Request::Read { doc_id } => self.read(doc_id),
+        };
+        if let Some(result) = result {
+            self.outputs.push_back(Output::Respond { id, result });
+        }
+    }
+
+    /// Returns `None` when the answer waits for the store.
+    fn create(&mut self, id: RequestId, doc_id: DocId, collection: Collection, ops: &[Op]) -> Option<Result<Response, RequestError>> {
+        if self.documents.get(&doc_id).is_some_and(|d| !d.is_placeholder) || self.reloading.contains_key(&doc_id) {
+            return Some(Err(RequestError::AlreadyExists(doc_id)));
+        }
+        let mut document = Document::new(collection, self.actor.clone());
+        if let Err(error) = apply_ops(&mut document.doc, ops, self.commit_time_secs()) {
+            return Some(Err(error.into()));
+        }
+        if document.doc.get_heads().is_empty() {
+            // An empty create still needs a change, or there is nothing to store or sync.
+            document.doc.empty_commit(automerge::transaction::CommitOptions::default());
+        }
+        self.documents.insert(doc_id, document);
+        self.persist(doc_id, &[], Pending::Write { request: id, doc_id });
+        None
+    }
+
+    fn edit(&mut self, id: RequestId, doc_id: DocId, ops: &[Op]) -> Option<Result<Response, RequestError>> {
+        if self.reloading.contains_key(&doc_id) {
+            return Some(Err(RequestError::Unavailable(doc_id)));
+        }
+        let time = self.commit_time_secs();
+        let Some(document) = self.documents.get_mut(&doc_id).filter(|d| !d.is_placeholder) else {
+            return Some(Err(RequestError::NotFound(doc_id)));
+        };
+        let before = document.doc.get_heads();
+        match apply_ops(&mut document.doc, ops, time) {
+            Err(error) => Some(Err(error.into())),
+            Ok(false) => Some(Ok(Response::Written { doc_id, heads: heads_hex(&before) })),
+            Ok(true) => {
+                self.persist(doc_id, &before, Pending::Write { request: id, doc_id });
+                None
+            }
+        }
+    }
+
+    fn read(&self, doc_id: DocId) -> Option<Result<Response, RequestError>> {
+        let result = match self.documents.get(&doc_id).filter(|d| !d.is_placeholder) {
+            Some(document) => Ok(Response::Document {
+                doc_id,
+                collection: document.collection.clone(),
+                heads: heads_hex(&document.doc.get_heads()),
+                doc: document.to_json(),
+            }),
+            None if self.reloading.contains_key(&doc_id) => Err(RequestError::Unavailable(doc_id)),
+            None => Err(RequestError::NotFound(doc_id)),
+        };
+        Some(result)
+    }
+
+    /// Stores the changes made since `before`, and compacts when enough have piled up.
+    fn persist(&mut self, doc_id: DocId, before: &[ChangeHash], then: Pending) {
+        let hlc = self.hlc.new_timestamp().get_time().as_u64();
+        let compact_after = self.config.compact_after_changes;
+        let Some(document) = self.documents.get_mut(&doc_id) else { return };
+        let changes = document.changes_since(before);
+        let heads = document.doc.get_heads();
+        document.is_placeholder = false;
+        document.changes_since_snapshot += changes.len();
+        self.stats.changes_committed += changes.len() as u64;
+        let append = StoreTask::Append {
+            doc_id,
+            collection: document.collection.clone(),
+            changes,
+            heads: heads.iter().map(|h| h.0).collect(),
+            hlc,
+        };
+        let compact = (document.changes_since_snapshot >= compact_after).then(|| {
+            document.changes_since_snapshot = 0;
+            StoreTask::Compact { doc_id, snapshot: document.doc.save() }
+        });
+        self.store(append, then);
+        if let Some(compact) = compact {
+            self.store(compact, Pending::Nothing);
+        }
+    }
+
+    fn store(&mut self, action: StoreTask, then: Pending) {
+        let task = self.next_task;
+        self.next_task += 1;
+        self.pending.insert(task, then);
+        self.outputs.push_back(Output::Store { task, action });
+    }
+
+    fn on_store_done(&mut self, task: TaskId, reply: StoreReply) {
+        match (self.pending.remove(&task), reply) {
+            (Some(Pending::Write { request, doc_id }), _) => {
+                let heads = self.documents.get(&doc_id).map(|d| heads_hex(&d.doc.get_heads())).unwrap_or_default();
+                self.outputs.push_back(Output::Respond { id: request, result: Ok(Response::Written { doc_id, heads }) });
+                self.announce(doc_id);
+            }
+            (Some(Pending::Announce { doc_id }), _) => self.announce(doc_id),
+            (Some(Pending::Reload { doc_id }), StoreReply::Loaded(stored)) => {
+                self.reloading.remove(&doc_id);
+                if let Some(stored) = stored {
+                    if self.load(&stored).is_ok() {
+                        self.announce(doc_id);
+                    }
+                }
+            }
+            (Some(Pending::Nothing | Pending::Reload { .. }) | None, _) => {}
+        }
+    }
+
+    /// Discards a document that Automerge may have left inconsistent and reads it back.
+    fn reload(&mut self, doc_id: DocId) {
+        self.stats.document_reloads += 1;
+        self.documents.remove(&doc_id);
+        for peer in self.peers.values_mut() {
+            peer.sync_states.remove(&doc_id);
+        }
+        self.reloading.insert(doc_id, ());
+        self.store(StoreTask::Load { doc_id }, Pending::Reload { doc_id });
+    }
+
+    /// Offers a document's news to every ready peer.
+    fn announce(&mut self, doc_id: DocId) {
+        let conns: Vec<ConnId> = self.peers.iter().filter(|(_, p)| p.is_ready()).map(|(c, _)| *c).collect();
+        for conn in conns {
+            self.sync_with(conn, doc_id);
+        }
+    }
+
+    /// Sends the next Automerge sync message for one document to one peer, if there is one.
+    fn sync_with(&mut self, conn: ConnId, doc_id: DocId) {
+        let Some(document) = self.documents.get(&doc_id) else { return };
+        let Some(peer) = self.peers.get_mut(&conn) else { return };
+        let state = peer.sync_states.entry(doc_id).or_default();
+        let Some(message) = document.doc.generate_sync_message(state) else { return };
+        let collection = document.collection.clone();
+        self.send(conn, Message::DocSync { doc_id, collection, sync_message: message.encode() });
+    }
+
+    fn send_inventory(&mut self, conn: ConnId) {
+        let entries: Vec<InventoryEntry> = self
+            .documents
+            .iter()
+            .filter(|(_, d)| !d.is_placeholder)
+            .map(|(doc_id, d)| InventoryEntry {
+                doc_id: *doc_id,
+                collection: d.collection.clone(),
+                heads_digest: heads_digest(&d.doc.get_heads()),
+            })
+            .collect();
+        for chunk in entries.chunks(MAX_INVENTORY_ENTRIES_PER_MESSAGE) {
+            self.send(conn, Message::Inventory { entries: chunk.to_vec() });
+        }
+    }
+
+    fn send(&mut self, conn: ConnId, message: Message) {
+        let envelope = Envelope { sent_at: self.hlc.new_timestamp(), message };
+        match encode_frame(&envelope.encode(), self.config.max_frame_bytes) {
+            Ok(bytes) => {
+                self.stats.frames_sent += 1;
+                self.stats.bytes_sent += bytes.len() as u64;
+                self.outputs.push_back(Output::Transmit { conn, bytes });
+            }
+            // A document too large for one frame cannot sync over this link; the peer stays up.
+            Err(error) => self.outputs.push_back(Output::Close { conn, reason: format!("cannot send: {error}") }),
+        }
+    }
+
+    /// Tells the peer why, then closes the connection.
+    fn refuse(&mut self, conn: ConnId, reason: String) {
+        self.stats.protocol_errors += 1;
+        self.send(conn, Message::Refuse { reason: reason.clone(), protocol_version: PROTOCOL_VERSION });
+        self.outputs.push_back(Output::Close { conn, reason });
+        self.peers.remove(&conn);
+    }
+
+    fn commit_time_secs(&self) -> i64 {
+        let secs = self.hlc.new_timestamp().get_time().as_secs();
+        i64::from(secs)
+    }
+}

@@ -1,0 +1,48 @@
+//! What a node knows about one connection: handshake phase, frame buffer, sync states.
+
+use std::collections::BTreeMap;
+
+use automerge::sync;
+
+use crate::frame::FrameDecoder;
+use crate::ids::{DocId, NodeId};
+use crate::message::Role;
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerPhase {
+    /// Our hello is sent; theirs has not arrived.
+    AwaitingHello,
+    /// Hellos exchanged; documents flow.
+    Ready(Role),
+}
+
+/// One connected peer.
+#[derive(Debug)]
+pub struct Peer {
+    /// The peer's id as proven by the transport (its certificate).
+    pub node_id: NodeId,
+    /// Handshake progress.
+    pub phase: PeerPhase,
+    /// Reassembles frames from the byte stream.
+    pub decoder: FrameDecoder,
+    /// Automerge sync state per document, for this peer only.
+    pub sync_states: BTreeMap<DocId, sync::State>,
+}
+
+impl Peer {
+    /// A peer whose transport just came up.
+    pub fn new(node_id: NodeId, max_frame_bytes: usize) -> Self {
+        Self {
+            node_id,
+            phase: PeerPhase::AwaitingHello,
+            decoder: FrameDecoder::new(max_frame_bytes),
+            sync_states: BTreeMap::new(),
+        }
+    }
+
+    /// True once the handshake is complete.
+    pub fn is_ready(&self) -> bool {
+        matches!(self.phase, PeerPhase::Ready(_))
+    }
+}

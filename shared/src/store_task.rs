@@ -1,0 +1,59 @@
+//! Storage effects as data: what the core asks the store to do, and what it gets back.
+//!
+//! The core never touches a database. It emits [`StoreTask`]s with ids and receives
+//! [`StoreReply`]s with the same ids; the store executes tasks strictly in the order they were
+//! emitted, which is what lets a compaction delete "every change stored before it".
+
+use crate::ids::{Collection, DocId};
+
+/// A durable store operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreTask {
+    /// Append new changes of a document and update its heads index entry.
+    Append {
+        /// The document.
+        doc_id: DocId,
+        /// Its collection (recorded when the document is first stored).
+        collection: Collection,
+        /// Encoded Automerge changes, each idempotent by hash.
+        changes: Vec<Vec<u8>>,
+        /// The document's heads after these changes.
+        heads: Vec<[u8; 32]>,
+        /// HLC time of the write, as the 64-bit NTP value.
+        hlc: u64,
+    },
+    /// Replace the document's snapshot and drop every change stored before this task.
+    Compact {
+        /// The document.
+        doc_id: DocId,
+        /// `Automerge::save()` output covering every change stored so far.
+        snapshot: Vec<u8>,
+    },
+    /// Read a document back (after its in-memory copy was discarded).
+    Load {
+        /// The document.
+        doc_id: DocId,
+    },
+}
+
+/// A document as stored: snapshot plus incremental changes since it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDoc {
+    /// The document.
+    pub doc_id: DocId,
+    /// Its collection.
+    pub collection: Collection,
+    /// The compacted snapshot, if one was written.
+    pub snapshot: Option<Vec<u8>>,
+    /// Changes stored since the snapshot, in the order they were stored.
+    pub changes: Vec<Vec<u8>>,
+}
+
+/// The store's answer to a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreReply {
+    /// The task's transaction committed.
+    Committed,
+    /// The answer to [`StoreTask::Load`]; `None` if the store has no such document.
+    Loaded(Option<StoredDoc>),
+}
