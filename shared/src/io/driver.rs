@@ -1,0 +1,278 @@
+//! The tokio loop that owns one [`Node`] and carries out its effects.
+//!
+//! One task owns the node; everything else talks to it through one bounded command channel,
+//! so the node needs no lock. Each turn: wait for a command or the node's timer, feed it
+//! and up to [`MAX_COMMANDS_PER_TURN`] more already queued, then drain every output —
+//! frames to connection writers, tasks to the store thread, answers to waiting requests.
+//! The loop holds no protocol logic.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::ids::NodeId;
+use crate::node::{ConnId, Input, Node, NodeStats, Output, Request, RequestId, Response};
+use crate::node::RequestError;
+use crate::store_task::StoreTask;
+
+/// Commands waiting for the node loop. Full means the node is saturated: callers wait.
+pub const COMMAND_QUEUE_CAPACITY: usize = 8192;
+/// Frames queued for one connection before it is closed as too slow.
+pub const CONNECTION_QUEUE_CAPACITY: usize = 1024;
+/// Commands handled per loop turn before outputs are drained, so output latency stays low.
+pub const MAX_COMMANDS_PER_TURN: usize = 256;
+
+/// What a connection writer is told.
+#[derive(Debug)]
+pub enum WriterMessage {
+    /// Write these bytes.
+    Frame(Vec<u8>),
+    /// Finish the stream and close the connection, for this reason.
+    Close(String),
+}
+
+/// Why a request could not be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The node refused the request.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// The node loop has stopped (shutdown or a fatal store error).
+    #[error("node is not running")]
+    Stopped,
+}
+
+/// A point-in-time view of the node for health, status and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct NodeStatus {
+    /// Protocol counters.
+    pub stats: NodeStats,
+    /// Documents held.
+    pub documents: usize,
+    /// Peers with a completed handshake.
+    pub ready_peers: usize,
+    /// Commands waiting in the node's queue.
+    pub queued_commands: usize,
+}
+
+#[derive(Debug)]
+enum Command {
+    Input(Input),
+    Request { request: Request, reply: oneshot::Sender<Result<Response, RequestError>> },
+    Attach { conn: ConnId, peer: NodeId, writer: mpsc::Sender<WriterMessage> },
+    Shutdown,
+}
+
+/// A cheap, cloneable way to talk to a running node.
+#[derive(Debug, Clone)]
+pub struct NodeHandle {
+    commands: mpsc::Sender<Command>,
+    next_conn: Arc<AtomicU64>,
+    status: watch::Receiver<NodeStatus>,
+    node_id: NodeId,
+}
+
+impl NodeHandle {
+    /// The node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// Sends a request and waits for the answer (writes: until durable).
+    pub async fn request(&self, request: Request) -> Result<Response, DriverError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::Request { request, reply }).await.map_err(|_| DriverError::Stopped)?;
+        Ok(answer.await.map_err(|_| DriverError::Stopped)??)
+    }
+
+    /// Registers a new connection's writer; returns its id. Bytes read from it go to [`Self::received`].
+    pub async fn attach(&self, peer: NodeId, writer: mpsc::Sender<WriterMessage>) -> Result<ConnId, DriverError> {
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        self.commands.send(Command::Attach { conn, peer, writer }).await.map_err(|_| DriverError::Stopped)?;
+        Ok(conn)
+    }
+
+    /// Hands bytes read from a connection to the node.
+    pub async fn received(&self, conn: ConnId, bytes: Vec<u8>) -> Result<(), DriverError> {
+        self.input(Input::Received { conn, bytes }).await
+    }
+
+    /// Tells the node a connection is gone.
+    pub async fn disconnected(&self, conn: ConnId) -> Result<(), DriverError> {
+        self.input(Input::Disconnected { conn }).await
+    }
+
+    async fn input(&self, input: Input) -> Result<(), DriverError> {
+        self.commands.send(Command::Input(input)).await.map_err(|_| DriverError::Stopped)
+    }
+
+    /// The latest status snapshot.
+    pub fn status(&self) -> NodeStatus {
+        self.status.borrow().clone()
+    }
+
+    /// True while the node loop runs.
+    pub fn is_running(&self) -> bool {
+        !self.commands.is_closed()
+    }
+
+    /// Asks the loop to stop after closing every connection.
+    pub async fn shutdown(&self) {
+        let _ = self.commands.send(Command::Shutdown).await;
+    }
+}
+
+/// Starts the node loop on the current tokio runtime.
+///
+/// `store` receives store tasks in order; store replies come back through the returned
+/// [`StoreReplies`]. The loop ends on shutdown, or when the store queue closes.
+pub fn spawn_node(node: Node, store: mpsc::Sender<(u64, StoreTask)>) -> (NodeHandle, StoreReplies, tokio::task::JoinHandle<()>) {
+    let (commands, receiver) = mpsc::channel(COMMAND_QUEUE_CAPACITY);
+    let (status_tx, status) = watch::channel(NodeStatus::default());
+    let handle = NodeHandle { commands: commands.clone(), next_conn: Arc::new(AtomicU64::new(1)), status, node_id: node.node_id() };
+    let replies = StoreReplies { commands };
+    let driver = Driver { node, store, writers: BTreeMap::new(), requests: BTreeMap::new(), next_request: 0, status: status_tx };
+    let task = tokio::spawn(driver.run(receiver));
+    (handle, replies, task)
+}
+
+/// The path by which the store thread answers the node.
+#[derive(Debug, Clone)]
+pub struct StoreReplies {
+    commands: mpsc::Sender<Command>,
+}
+
+impl StoreReplies {
+    /// Delivers a store reply from a blocking thread; false once the node loop is gone.
+    pub fn deliver(&self, task: u64, reply: crate::store_task::StoreReply) -> bool {
+        self.commands.blocking_send(Command::Input(Input::StoreDone { task, reply })).is_ok()
+    }
+}
+
+struct Driver {
+    node: Node,
+    store: mpsc::Sender<(u64, StoreTask)>,
+    writers: BTreeMap<ConnId, mpsc::Sender<WriterMessage>>,
+    requests: BTreeMap<RequestId, oneshot::Sender<Result<Response, RequestError>>>,
+    next_request: RequestId,
+    status: watch::Sender<NodeStatus>,
+}
+
+impl Driver {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        loop {
+            let timer = self.node.poll_timeout().map(tokio::time::Instant::from_std);
+            let command = tokio::select! {
+                command = commands.recv() => command,
+                () = sleep_until(timer) => {
+                    self.node.handle_timeout(Instant::now());
+                    if !self.drain().await { break; }
+                    continue;
+                }
+            };
+            let Some(first) = command else { break };
+            if !self.handle(first) {
+                break;
+            }
+            let mut stopping = false;
+            for _ in 1..MAX_COMMANDS_PER_TURN {
+                match commands.try_recv() {
+                    Ok(command) => {
+                        if !self.handle(command) {
+                            stopping = true;
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            if !self.drain().await || stopping {
+                break;
+            }
+            self.publish_status(commands.len());
+        }
+        for (_, writer) in std::mem::take(&mut self.writers) {
+            let _ = writer.try_send(WriterMessage::Close("node shutting down".into()));
+        }
+    }
+
+    /// Feeds one command; false means stop.
+    fn handle(&mut self, command: Command) -> bool {
+        let now = Instant::now();
+        match command {
+            Command::Input(input) => {
+                if let Input::Disconnected { conn } = &input {
+                    self.writers.remove(conn);
+                }
+                self.node.handle_input(now, input);
+            }
+            Command::Request { request, reply } => {
+                let id = self.next_request;
+                self.next_request += 1;
+                self.requests.insert(id, reply);
+                self.node.handle_input(now, Input::Request { id, request });
+            }
+            Command::Attach { conn, peer, writer } => {
+                self.writers.insert(conn, writer);
+                self.node.handle_input(now, Input::Connected { conn, peer });
+            }
+            Command::Shutdown => return false,
+        }
+        true
+    }
+
+    /// Carries out every pending output; false if the store is gone.
+    async fn drain(&mut self) -> bool {
+        while let Some(output) = self.node.poll_output() {
+            match output {
+                Output::Transmit { conn, bytes } => {
+                    let Some(writer) = self.writers.get(&conn) else { continue };
+                    if writer.try_send(WriterMessage::Frame(bytes)).is_err() {
+                        // A peer that cannot keep up is dropped; it catches up on reconnect.
+                        tracing::warn!(conn, "closing connection: send queue full");
+                        self.writers.remove(&conn);
+                        self.node.handle_input(Instant::now(), Input::Disconnected { conn });
+                    }
+                }
+                Output::Close { conn, reason } => {
+                    if let Some(writer) = self.writers.remove(&conn) {
+                        tracing::info!(conn, %reason, "closing connection");
+                        let _ = writer.try_send(WriterMessage::Close(reason));
+                    }
+                }
+                Output::Store { task, action } => {
+                    if self.store.send((task, action)).await.is_err() {
+                        tracing::error!("store stopped; node loop ends");
+                        return false;
+                    }
+                }
+                Output::Respond { id, result } => {
+                    if let Some(reply) = self.requests.remove(&id) {
+                        let _ = reply.send(result);
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    fn publish_status(&self, queued_commands: usize) {
+        let status = NodeStatus {
+            stats: self.node.stats().clone(),
+            documents: self.node.documents().count(),
+            ready_peers: self.node.ready_peers(),
+            queued_commands,
+        };
+        self.status.send_replace(status);
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,186 @@
+//! QUIC transport: endpoints, the per-connection pump, the agent's dial loop and the hub's
+//! accept loop. Every connection carries one bidirectional stream of Cairn frames.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::{mpsc, Semaphore};
+
+use super::driver::{NodeHandle, WriterMessage, CONNECTION_QUEUE_CAPACITY};
+use super::tls::{peer_node_id, Identity, TlsError};
+
+/// Largest read from a stream at once.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// How long a closing connection waits for its last frames (a refusal) to be delivered.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Liveness and reconnection timing.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkTiming {
+    /// QUIC keep-alive ping interval: the heartbeat.
+    pub keep_alive: Duration,
+    /// A link silent this long is dead.
+    pub idle_timeout: Duration,
+    /// First reconnect delay.
+    pub backoff_initial: Duration,
+    /// Largest reconnect delay.
+    pub backoff_max: Duration,
+}
+
+impl Default for LinkTiming {
+    fn default() -> Self {
+        Self {
+            keep_alive: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(8),
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(10),
+        }
+    }
+}
+
+impl LinkTiming {
+    /// QUIC transport settings carrying the heartbeat and idle timeout.
+    pub fn transport(&self) -> Arc<quinn::TransportConfig> {
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(self.keep_alive));
+        transport.max_idle_timeout(quinn::IdleTimeout::try_from(self.idle_timeout).ok());
+        // One stream per connection carries the protocol; refuse any more.
+        transport.max_concurrent_bidi_streams(1u32.into());
+        transport.max_concurrent_uni_streams(0u32.into());
+        Arc::new(transport)
+    }
+}
+
+/// A transport failure while setting up or running a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// TLS material or peer certificate problem.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// Binding or configuring the UDP socket failed.
+    #[error("endpoint: {0}")]
+    Endpoint(#[from] std::io::Error),
+    /// The QUIC handshake failed.
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// The connection failed.
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// The node loop is gone.
+    #[error("node stopped")]
+    NodeStopped,
+}
+
+/// A server endpoint for hubs.
+pub fn server_endpoint(identity: &Identity, listen: SocketAddr, timing: &LinkTiming) -> Result<quinn::Endpoint, TransportError> {
+    let config = identity.server_config(timing.transport())?;
+    Ok(quinn::Endpoint::server(config, listen)?)
+}
+
+/// A client endpoint for agents, bound to an ephemeral local port.
+pub fn client_endpoint(identity: &Identity, timing: &LinkTiming) -> Result<quinn::Endpoint, TransportError> {
+    let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
+    let mut endpoint = quinn::Endpoint::client(bind)?;
+    endpoint.set_default_client_config(identity.client_config(timing.transport())?);
+    Ok(endpoint)
+}
+
+/// Pumps one authenticated connection between QUIC and the node until either side ends it.
+pub async fn run_connection(node: NodeHandle, connection: quinn::Connection, initiator: bool) -> Result<(), TransportError> {
+    let peer = peer_node_id(&connection)?;
+    let (send, mut recv) = if initiator { connection.open_bi().await? } else { connection.accept_bi().await? };
+    let (writer_tx, writer_rx) = mpsc::channel(CONNECTION_QUEUE_CAPACITY);
+    let conn = node.attach(peer, writer_tx).await.map_err(|_| TransportError::NodeStopped)?;
+    tracing::info!(conn, %peer, remote = %connection.remote_address(), "peer connected");
+    let writer = tokio::spawn(write_frames(connection.clone(), send, writer_rx));
+    let mut buffer = vec![0u8; READ_CHUNK_BYTES];
+    while let Ok(Some(n)) = recv.read(&mut buffer).await {
+        if node.received(conn, buffer[..n].to_vec()).await.is_err() {
+            break;
+        }
+    }
+    let _ = node.disconnected(conn).await;
+    writer.abort();
+    tracing::info!(conn, %peer, reason = ?connection.close_reason(), "peer disconnected");
+    Ok(())
+}
+
+async fn write_frames(connection: quinn::Connection, mut send: quinn::SendStream, mut frames: mpsc::Receiver<WriterMessage>) {
+    let mut reason = String::from("closed");
+    while let Some(message) = frames.recv().await {
+        match message {
+            WriterMessage::Frame(bytes) => {
+                if send.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+            WriterMessage::Close(why) => {
+                reason = why;
+                break;
+            }
+        }
+    }
+    let _ = send.finish();
+    let _ = tokio::time::timeout(CLOSE_GRACE, send.stopped()).await;
+    let reason: String = reason.chars().take(200).collect();
+    connection.close(1u32.into(), reason.as_bytes());
+}
+
+/// Accepts agents until `shutdown` resolves; at most `max_connections` at once.
+pub async fn accept_loop(endpoint: quinn::Endpoint, node: NodeHandle, max_connections: usize, shutdown: impl std::future::Future<Output = ()>) {
+    let permits = Arc::new(Semaphore::new(max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => incoming,
+            () = &mut shutdown => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            incoming.refuse();
+            continue;
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let result = match incoming.await {
+                Ok(connection) => run_connection(node, connection, false).await,
+                Err(error) => Err(error.into()),
+            };
+            if let Err(error) = result {
+                tracing::warn!(%error, "connection failed");
+            }
+        });
+    }
+    endpoint.close(0u32.into(), b"hub shutting down");
+}
+
+/// Keeps an agent connected to its hub: dial, pump until the link dies, back off, repeat.
+///
+/// Backoff doubles from `backoff_initial` to `backoff_max` with full jitter, so many agents
+/// losing the same hub do not return in step. A link that stayed up resets the backoff.
+pub async fn dial_loop(endpoint: quinn::Endpoint, hub: SocketAddr, server_name: String, node: NodeHandle, timing: LinkTiming) {
+    let mut backoff = timing.backoff_initial;
+    while node.is_running() {
+        let started = tokio::time::Instant::now();
+        match endpoint.connect(hub, &server_name) {
+            Ok(connecting) => match connecting.await {
+                Ok(connection) => {
+                    if let Err(error) = run_connection(node.clone(), connection, true).await {
+                        tracing::warn!(%error, "hub connection ended");
+                    }
+                }
+                Err(error) => tracing::debug!(%error, %hub, "hub unreachable"),
+            },
+            Err(error) => tracing::warn!(%error, %hub, "cannot dial hub"),
+        }
+        if started.elapsed() > timing.backoff_max {
+            backoff = timing.backoff_initial;
+        }
+        let jittered = rand::thread_rng().gen_range(Duration::ZERO..=backoff);
+        tokio::time::sleep(jittered).await;
+        backoff = (backoff * 2).min(timing.backoff_max);
+    }
+}

@@ -1,0 +1,231 @@
+//! The durable store: one SQLite database per node, owned by one dedicated thread.
+//!
+//! Durability: WAL journal with `synchronous=FULL`, so a committed transaction survives power
+//! loss. Group commit: the thread takes every task already queued (up to
+//! [`MAX_TASKS_PER_COMMIT`]) and commits them in one transaction, so concurrent writes share
+//! one fsync. Tasks run strictly in the order they were queued.
+//!
+//! A failed commit is fatal: the thread stops and drops its channels, the driver sees that
+//! and the process exits, to restart from what is durable (crash-only). Answering a write
+//! that might not be on disk would be worse.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::mpsc;
+
+use crate::ids::{Collection, DocId};
+use crate::node::TaskId;
+use crate::store_task::{StoreReply, StoreTask, StoredDoc};
+
+/// Most tasks folded into one transaction.
+pub const MAX_TASKS_PER_COMMIT: usize = 1024;
+
+/// Tasks waiting for the store thread; a full queue slows the node loop rather than growing.
+pub const STORE_QUEUE_CAPACITY: usize = 4096;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[
+    // 1: documents with their heads index entry and snapshot; incremental changes since it.
+    "CREATE TABLE documents (
+        doc_id BLOB PRIMARY KEY NOT NULL,
+        collection TEXT NOT NULL,
+        heads BLOB NOT NULL,
+        hlc INTEGER NOT NULL,
+        snapshot BLOB
+    );
+    CREATE INDEX documents_by_collection ON documents(collection, doc_id);
+    CREATE TABLE changes (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        doc_id BLOB NOT NULL,
+        data BLOB NOT NULL
+    );
+    CREATE INDEX changes_by_doc ON changes(doc_id, seq);",
+];
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite reported an error.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The database holds something this build cannot read.
+    #[error("corrupt store: {0}")]
+    Corrupt(String),
+    /// The database was written by a newer build.
+    #[error("store schema version {found} is newer than this build's {supported}")]
+    TooNew {
+        /// Version found on disk.
+        found: usize,
+        /// Newest version this build knows.
+        supported: usize,
+    },
+}
+
+/// Timing of one group commit, for metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct CommitReport {
+    /// Tasks in the transaction.
+    pub tasks: usize,
+    /// Wall time from begin to commit.
+    pub latency: Duration,
+}
+
+/// A node's SQLite database.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and migrates it.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let mut store = Self { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let version: usize = self.conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        if version > MIGRATIONS.len() {
+            return Err(StoreError::TooNew { found: version, supported: MIGRATIONS.len() });
+        }
+        let tx = self.conn.transaction()?;
+        for migration in &MIGRATIONS[version..] {
+            tx.execute_batch(migration)?;
+        }
+        tx.pragma_update(None, "user_version", MIGRATIONS.len())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every stored document, for start-up.
+    pub fn load_all(&self) -> Result<Vec<StoredDoc>, StoreError> {
+        let mut statement = self.conn.prepare("SELECT doc_id FROM documents ORDER BY doc_id")?;
+        let ids = statement
+            .query_map([], |row| row.get::<_, Vec<u8>>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut docs = Vec::with_capacity(ids.len());
+        for id in ids {
+            let doc_id = DocId::from_slice(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            if let Some(doc) = self.load(doc_id)? {
+                docs.push(doc);
+            }
+        }
+        Ok(docs)
+    }
+
+    /// One stored document.
+    pub fn load(&self, doc_id: DocId) -> Result<Option<StoredDoc>, StoreError> {
+        load_doc(&self.conn, doc_id)
+    }
+
+    /// Runs tasks in order inside one transaction; nothing is answered unless all commit.
+    pub fn execute(&mut self, tasks: &[(TaskId, StoreTask)]) -> Result<Vec<(TaskId, StoreReply)>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut replies = Vec::with_capacity(tasks.len());
+        for (task, action) in tasks {
+            let reply = match action {
+                StoreTask::Append { doc_id, collection, changes, heads, hlc } => {
+                    let heads: Vec<u8> = heads.iter().flatten().copied().collect();
+                    // HLC values use the full u64 range; SQLite integers are signed.
+                    let hlc = *hlc as i64;
+                    tx.execute(
+                        "INSERT INTO documents (doc_id, collection, heads, hlc) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT(doc_id) DO UPDATE SET heads = excluded.heads, hlc = excluded.hlc",
+                        params![doc_id.as_bytes(), collection.as_str(), heads, hlc],
+                    )?;
+                    let mut insert = tx.prepare_cached("INSERT INTO changes (doc_id, data) VALUES (?1, ?2)")?;
+                    for change in changes {
+                        insert.execute(params![doc_id.as_bytes(), change])?;
+                    }
+                    StoreReply::Committed
+                }
+                StoreTask::Compact { doc_id, snapshot } => {
+                    tx.execute("UPDATE documents SET snapshot = ?2 WHERE doc_id = ?1", params![doc_id.as_bytes(), snapshot])?;
+                    tx.execute("DELETE FROM changes WHERE doc_id = ?1", params![doc_id.as_bytes()])?;
+                    StoreReply::Committed
+                }
+                StoreTask::Load { doc_id } => StoreReply::Loaded(load_doc(&tx, *doc_id)?),
+            };
+            replies.push((*task, reply));
+        }
+        tx.commit()?;
+        Ok(replies)
+    }
+
+    /// Bytes the database file occupies.
+    pub fn size_bytes(&self) -> Result<u64, StoreError> {
+        let pages: i64 = self.conn.pragma_query_value(None, "page_count", |row| row.get(0))?;
+        let page_size: i64 = self.conn.pragma_query_value(None, "page_size", |row| row.get(0))?;
+        Ok(u64::try_from(pages * page_size).unwrap_or(0))
+    }
+}
+
+/// Reads one document; also used inside a batch's transaction, so a load sees earlier writes.
+fn load_doc(conn: &Connection, doc_id: DocId) -> Result<Option<StoredDoc>, StoreError> {
+    let row = conn
+        .query_row(
+            "SELECT collection, snapshot FROM documents WHERE doc_id = ?1",
+            params![doc_id.as_bytes()],
+            |row| Ok((row.get::<_, String>(0)?, row.get::<_, Option<Vec<u8>>>(1)?)),
+        )
+        .optional()?;
+    let Some((collection, snapshot)) = row else { return Ok(None) };
+    let collection: Collection =
+        collection.parse().map_err(|e: crate::ids::IdParseError| StoreError::Corrupt(e.to_string()))?;
+    let mut statement = conn.prepare_cached("SELECT data FROM changes WHERE doc_id = ?1 ORDER BY seq")?;
+    let changes = statement
+        .query_map(params![doc_id.as_bytes()], |row| row.get::<_, Vec<u8>>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(StoredDoc { doc_id, collection, snapshot, changes }))
+}
+
+/// The sending side of the store thread's queue.
+pub type StoreQueue = mpsc::Sender<(TaskId, StoreTask)>;
+
+/// Starts the store thread. Replies go to `on_reply`; commit timings to `on_commit`.
+/// The thread ends when the queue's senders are dropped, or on the first storage error.
+pub fn spawn_store_thread(
+    mut store: Store,
+    mut on_reply: impl FnMut(TaskId, StoreReply) -> bool + Send + 'static,
+    mut on_commit: impl FnMut(CommitReport) + Send + 'static,
+) -> (StoreQueue, std::thread::JoinHandle<Result<(), StoreError>>) {
+    let (queue, mut tasks) = mpsc::channel::<(TaskId, StoreTask)>(STORE_QUEUE_CAPACITY);
+    let handle = std::thread::Builder::new()
+        .name("cairn-store".into())
+        .spawn(move || {
+            let mut batch = Vec::with_capacity(MAX_TASKS_PER_COMMIT);
+            while let Some(first) = tasks.blocking_recv() {
+                batch.push(first);
+                while batch.len() < MAX_TASKS_PER_COMMIT {
+                    match tasks.try_recv() {
+                        Ok(task) => batch.push(task),
+                        Err(_) => break,
+                    }
+                }
+                let started = Instant::now();
+                let replies = store.execute(&batch)?;
+                on_commit(CommitReport { tasks: batch.len(), latency: started.elapsed() });
+                batch.clear();
+                for (task, reply) in replies {
+                    if !on_reply(task, reply) {
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| StoreError::Corrupt(format!("cannot start store thread: {e}")));
+    match handle {
+        Ok(handle) => (queue, handle),
+        // Thread creation failing at start-up leaves nothing to recover; report it on join.
+        Err(error) => (queue, std::thread::spawn(move || Err(error))),
+    }
+}
