@@ -1,1 +1,65 @@
-fn main(){}
+//! Cairn edge agent: stores every write durably in SQLite before answering, serves the local
+//! HTTP API, and keeps its documents in sync with its hub whenever the hub is reachable.
+
+mod config;
+
+use std::sync::atomic::Ordering;
+
+use anyhow::Context;
+use cairn_shared::io::runtime::{shutdown_signal, NodeSetup, RunningNode};
+use cairn_shared::io::{doc_api, ops_http, quic};
+use cairn_shared::message::Role;
+use clap::Parser;
+
+use crate::config::{AgentConfig, Cli};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = AgentConfig::load(&Cli::parse())?;
+    let data_dir = config.data_dir();
+    let setup = NodeSetup {
+        role: Role::Agent,
+        tls: config.identity.paths(&data_dir),
+        dev_certificates: !config.identity.no_dev_certificates,
+        certificate_names: vec!["localhost".into(), "127.0.0.1".into()],
+        data_dir,
+        sync: config.sync.clone(),
+    };
+    let node = RunningNode::start(&setup).context("starting the agent")?;
+    let endpoint = quic::client_endpoint(&node.identity, &config.link)
+        .context("creating the QUIC endpoint")?;
+    let dialer = tokio::spawn(quic::dial_loop(
+        endpoint.clone(),
+        config.hub,
+        config.hub_server_name.clone(),
+        node.handle.clone(),
+        config.link,
+    ));
+    let listener = tokio::net::TcpListener::bind(config.api_listen)
+        .await
+        .with_context(|| format!("binding the local API on {}", config.api_listen))?;
+    let api_addr = listener.local_addr()?;
+    let app = doc_api::router(node.handle.clone()).merge(ops_http::ops_router(node.ops.clone()));
+    node.ops.ready.store(true, Ordering::Relaxed);
+    // Tests and scripts read this line; logs go to stderr.
+    println!(
+        "edge-agent ready api=http://{api_addr} node={} hub={}",
+        node.identity.node_id, config.hub
+    );
+    tracing::info!(api = %api_addr, data_dir = %setup.data_dir.display(), "agent started");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving the local API")?;
+    tracing::info!("shutting down");
+    dialer.abort();
+    endpoint.close(0u32.into(), b"agent shutting down");
+    node.stop().await.context("stopping the store")?;
+    Ok(())
+}

@@ -24,7 +24,9 @@ pub enum DocumentError {
 }
 
 /// Runs `f`, turning a panic into [`DocumentError::Panicked`].
-pub fn guarded<T>(f: impl FnOnce() -> Result<T, automerge::AutomergeError>) -> Result<T, DocumentError> {
+pub fn guarded<T>(
+    f: impl FnOnce() -> Result<T, automerge::AutomergeError>,
+) -> Result<T, DocumentError> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(error)) => Err(DocumentError::Refused(error.to_string())),
@@ -72,7 +74,9 @@ impl Document {
         let changes = stored
             .changes
             .iter()
-            .map(|bytes| Change::from_bytes(bytes.clone()).map_err(|e| DocumentError::Refused(e.to_string())))
+            .map(|bytes| {
+                Change::from_bytes(bytes.clone()).map_err(|e| DocumentError::Refused(e.to_string()))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         guarded(|| doc.apply_changes(changes))?;
         doc.set_actor(actor);
@@ -86,12 +90,17 @@ impl Document {
 
     /// The encoded changes added since `before`, for storage.
     pub fn changes_since(&self, before: &[ChangeHash]) -> Vec<Vec<u8>> {
-        self.doc.get_changes(before).into_iter().map(|c| c.raw_bytes().to_vec()).collect()
+        self.doc
+            .get_changes(before)
+            .into_iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect()
     }
 
     /// The materialized JSON of the document.
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::to_value(automerge::AutoSerde::from(&self.doc)).unwrap_or(serde_json::Value::Null)
+        serde_json::to_value(automerge::AutoSerde::from(&self.doc))
+            .unwrap_or(serde_json::Value::Null)
     }
 }
 

@@ -30,7 +30,10 @@ pub fn encode_frame(payload: &[u8], max_frame_bytes: usize) -> Result<Vec<u8>, F
         return Err(FrameError::Empty);
     }
     if payload.len() > max_frame_bytes {
-        return Err(FrameError::TooLarge { announced_bytes: payload.len(), max_bytes: max_frame_bytes });
+        return Err(FrameError::TooLarge {
+            announced_bytes: payload.len(),
+            max_bytes: max_frame_bytes,
+        });
     }
     let mut out = Vec::with_capacity(LENGTH_PREFIX_BYTES + payload.len());
     // The limit is far below u32::MAX (checked in config validation), so this cannot truncate.
@@ -49,7 +52,10 @@ pub struct FrameDecoder {
 impl FrameDecoder {
     /// A decoder that refuses frames longer than `max_frame_bytes`.
     pub fn new(max_frame_bytes: usize) -> Self {
-        Self { buffer: Vec::new(), max_frame_bytes }
+        Self {
+            buffer: Vec::new(),
+            max_frame_bytes,
+        }
     }
 
     /// Appends bytes received from the transport.
@@ -71,7 +77,10 @@ impl FrameDecoder {
             return Err(FrameError::Empty);
         }
         if length > self.max_frame_bytes {
-            return Err(FrameError::TooLarge { announced_bytes: length, max_bytes: self.max_frame_bytes });
+            return Err(FrameError::TooLarge {
+                announced_bytes: length,
+                max_bytes: self.max_frame_bytes,
+            });
         }
         let end = LENGTH_PREFIX_BYTES + length;
         if self.buffer.len() < end {
@@ -103,7 +112,10 @@ mod tests {
         decoder.push(&(1_000_000u32).to_be_bytes());
         assert_eq!(
             decoder.next_frame(),
-            Err(FrameError::TooLarge { announced_bytes: 1_000_000, max_bytes: 1024 })
+            Err(FrameError::TooLarge {
+                announced_bytes: 1_000_000,
+                max_bytes: 1024
+            })
         );
     }
 

@@ -121,7 +121,10 @@ impl Envelope {
         let (envelope, rest): (Envelope, &[u8]) =
             postcard::take_from_bytes(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
         if !rest.is_empty() {
-            return Err(DecodeError::Malformed(format!("{} trailing bytes", rest.len())));
+            return Err(DecodeError::Malformed(format!(
+                "{} trailing bytes",
+                rest.len()
+            )));
         }
         if let Message::Inventory { entries } = &envelope.message {
             if entries.len() > MAX_INVENTORY_ENTRIES_PER_MESSAGE {
@@ -147,7 +150,10 @@ mod tests {
     fn messages_round_trip() {
         let envelope = Envelope {
             sent_at: stamp(),
-            message: Message::Hello { node_id: NodeId::from_bytes([3; 16]), role: Role::Agent },
+            message: Message::Hello {
+                node_id: NodeId::from_bytes([3; 16]),
+                role: Role::Agent,
+            },
         };
         assert_eq!(Envelope::decode(&envelope.encode()), Ok(envelope));
     }
@@ -160,9 +166,18 @@ mod tests {
         }
         .encode();
         payload[0] = 9;
-        assert_eq!(Envelope::decode(&payload), Err(DecodeError::UnsupportedVersion { got: 9 }));
-        assert!(matches!(Envelope::decode(&[PROTOCOL_VERSION, 0xff, 0xff, 0xff]), Err(DecodeError::Malformed(_))));
-        assert!(matches!(Envelope::decode(&[]), Err(DecodeError::Malformed(_))));
+        assert_eq!(
+            Envelope::decode(&payload),
+            Err(DecodeError::UnsupportedVersion { got: 9 })
+        );
+        assert!(matches!(
+            Envelope::decode(&[PROTOCOL_VERSION, 0xff, 0xff, 0xff]),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            Envelope::decode(&[]),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -181,6 +196,9 @@ mod tests {
         let mut bad = payload.clone();
         bad[at] = b'/';
         bad[at + 1] = b'.';
-        assert!(matches!(Envelope::decode(&bad), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            Envelope::decode(&bad),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 }

@@ -25,7 +25,9 @@ use crate::config::SyncConfig;
 use crate::document::{guarded, heads_digest, heads_hex, Document, DocumentError};
 use crate::frame::encode_frame;
 use crate::ids::{Collection, DocId, NodeId};
-use crate::message::{Envelope, InventoryEntry, Message, Role, MAX_INVENTORY_ENTRIES_PER_MESSAGE, PROTOCOL_VERSION};
+use crate::message::{
+    Envelope, InventoryEntry, Message, Role, MAX_INVENTORY_ENTRIES_PER_MESSAGE, PROTOCOL_VERSION,
+};
 use crate::ops::{apply_ops, Op, OpError};
 use crate::peer::{Peer, PeerPhase};
 use crate::store_task::{StoreReply, StoreTask, StoredDoc};
@@ -238,7 +240,13 @@ impl std::fmt::Debug for Node {
 impl Node {
     /// A node with no documents. `actor` must be fresh for every start of the process, so that
     /// changes made before a crash and after it never share an (actor, sequence) pair.
-    pub fn new(node_id: NodeId, role: Role, actor: ActorId, hlc: uhlc::HLC, config: SyncConfig) -> Self {
+    pub fn new(
+        node_id: NodeId,
+        role: Role,
+        actor: ActorId,
+        hlc: uhlc::HLC,
+        config: SyncConfig,
+    ) -> Self {
         Self {
             node_id,
             role,
@@ -290,7 +298,8 @@ impl Node {
 
     /// Feeds one input.
     pub fn handle_input(&mut self, now: Instant, input: Input) {
-        self.next_anti_entropy.get_or_insert(now + self.config.anti_entropy_interval());
+        self.next_anti_entropy
+            .get_or_insert(now + self.config.anti_entropy_interval());
         match input {
             Input::Connected { conn, peer } => self.on_connected(conn, peer),
             Input::Received { conn, bytes } => self.on_received(conn, &bytes),
@@ -314,7 +323,12 @@ impl Node {
             _ => return,
         }
         self.next_anti_entropy = Some(now + self.config.anti_entropy_interval());
-        let conns: Vec<ConnId> = self.peers.iter().filter(|(_, p)| p.is_ready()).map(|(c, _)| *c).collect();
+        let conns: Vec<ConnId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.is_ready())
+            .map(|(c, _)| *c)
+            .collect();
         for conn in conns {
             self.send_inventory(conn);
         }
@@ -326,15 +340,26 @@ impl Node {
     }
 
     fn on_connected(&mut self, conn: ConnId, peer: NodeId) {
-        self.peers.insert(conn, Peer::new(peer, self.config.max_frame_bytes));
-        self.send(conn, Message::Hello { node_id: self.node_id, role: self.role });
+        self.peers
+            .insert(conn, Peer::new(peer, self.config.max_frame_bytes));
+        self.send(
+            conn,
+            Message::Hello {
+                node_id: self.node_id,
+                role: self.role,
+            },
+        );
     }
 
     fn on_received(&mut self, conn: ConnId, bytes: &[u8]) {
-        let Some(peer) = self.peers.get_mut(&conn) else { return };
+        let Some(peer) = self.peers.get_mut(&conn) else {
+            return;
+        };
         peer.decoder.push(bytes);
         loop {
-            let Some(peer) = self.peers.get_mut(&conn) else { return };
+            let Some(peer) = self.peers.get_mut(&conn) else {
+                return;
+            };
             let frame = match peer.decoder.next_frame() {
                 Ok(Some(frame)) => frame,
                 Ok(None) => return,
@@ -354,25 +379,42 @@ impl Node {
     }
 
     fn on_message(&mut self, conn: ConnId, message: Message) {
-        let Some(peer) = self.peers.get_mut(&conn) else { return };
+        let Some(peer) = self.peers.get_mut(&conn) else {
+            return;
+        };
         match (peer.phase, message) {
             (PeerPhase::AwaitingHello, Message::Hello { node_id, role }) => {
                 if node_id != peer.node_id {
                     let proven = peer.node_id;
-                    return self.refuse(conn, format!("hello names node {node_id}, certificate proves {proven}"));
+                    return self.refuse(
+                        conn,
+                        format!("hello names node {node_id}, certificate proves {proven}"),
+                    );
                 }
                 peer.phase = PeerPhase::Ready(role);
                 self.send_inventory(conn);
             }
             (_, Message::Refuse { reason, .. }) => {
-                self.outputs.push_back(Output::Close { conn, reason: format!("peer refused: {reason}") });
+                self.outputs.push_back(Output::Close {
+                    conn,
+                    reason: format!("peer refused: {reason}"),
+                });
                 self.peers.remove(&conn);
             }
-            (PeerPhase::Ready(_), Message::Inventory { entries }) => self.on_inventory(conn, entries),
-            (PeerPhase::Ready(_), Message::DocSync { doc_id, collection, sync_message }) => {
-                self.on_doc_sync(conn, doc_id, collection, &sync_message)
+            (PeerPhase::Ready(_), Message::Inventory { entries }) => {
+                self.on_inventory(conn, entries)
             }
-            (PeerPhase::Ready(_), Message::Hello { .. }) => self.refuse(conn, "second hello".into()),
+            (
+                PeerPhase::Ready(_),
+                Message::DocSync {
+                    doc_id,
+                    collection,
+                    sync_message,
+                },
+            ) => self.on_doc_sync(conn, doc_id, collection, &sync_message),
+            (PeerPhase::Ready(_), Message::Hello { .. }) => {
+                self.refuse(conn, "second hello".into())
+            }
             (PeerPhase::AwaitingHello, _) => self.refuse(conn, "expected hello first".into()),
         }
     }
@@ -407,22 +449,37 @@ impl Node {
         }
         let message = match sync::Message::decode(bytes) {
             Ok(message) => message,
-            Err(error) => return self.refuse(conn, format!("bad sync message for {doc_id}: {error}")),
+            Err(error) => {
+                return self.refuse(conn, format!("bad sync message for {doc_id}: {error}"))
+            }
         };
         let actor = self.actor.clone();
-        let document = self.documents.entry(doc_id).or_insert_with(|| Document::new(collection.clone(), actor));
+        let document = self
+            .documents
+            .entry(doc_id)
+            .or_insert_with(|| Document::new(collection.clone(), actor));
         if document.collection != collection {
             let expected = document.collection.clone();
-            return self.refuse(conn, format!("document {doc_id} belongs to {expected}, not {collection}"));
+            return self.refuse(
+                conn,
+                format!("document {doc_id} belongs to {expected}, not {collection}"),
+            );
         }
-        let Some(peer) = self.peers.get_mut(&conn) else { return };
+        let Some(peer) = self.peers.get_mut(&conn) else {
+            return;
+        };
         let state = peer.sync_states.entry(doc_id).or_default();
         let before = document.doc.get_heads();
         match guarded(|| document.doc.receive_sync_message(state, message)) {
             Ok(()) => {}
-            Err(DocumentError::Refused(error)) => return self.refuse(conn, format!("sync of {doc_id} refused: {error}")),
+            Err(DocumentError::Refused(error)) => {
+                return self.refuse(conn, format!("sync of {doc_id} refused: {error}"))
+            }
             Err(DocumentError::Panicked(error)) => {
-                self.refuse(conn, format!("sync of {doc_id} broke the document: {error}"));
+                self.refuse(
+                    conn,
+                    format!("sync of {doc_id} broke the document: {error}"),
+                );
                 return self.reload(doc_id);
             }
         }
@@ -435,7 +492,11 @@ impl Node {
 
     fn on_request(&mut self, id: RequestId, request: Request) {
         let result = match request {
-            Request::Create { doc_id, collection, ops } => self.create(id, doc_id, collection, &ops),
+            Request::Create {
+                doc_id,
+                collection,
+                ops,
+            } => self.create(id, doc_id, collection, &ops),
             Request::Edit { doc_id, ops } => self.edit(id, doc_id, &ops),
             Request::Read { doc_id } => self.read(doc_id),
         };
@@ -445,8 +506,19 @@ impl Node {
     }
 
     /// Returns `None` when the answer waits for the store.
-    fn create(&mut self, id: RequestId, doc_id: DocId, collection: Collection, ops: &[Op]) -> Option<Result<Response, RequestError>> {
-        if self.documents.get(&doc_id).is_some_and(|d| !d.is_placeholder) || self.reloading.contains_key(&doc_id) {
+    fn create(
+        &mut self,
+        id: RequestId,
+        doc_id: DocId,
+        collection: Collection,
+        ops: &[Op],
+    ) -> Option<Result<Response, RequestError>> {
+        if self
+            .documents
+            .get(&doc_id)
+            .is_some_and(|d| !d.is_placeholder)
+            || self.reloading.contains_key(&doc_id)
+        {
             return Some(Err(RequestError::AlreadyExists(doc_id)));
         }
         let mut document = Document::new(collection, self.actor.clone());
@@ -455,27 +527,55 @@ impl Node {
         }
         if document.doc.get_heads().is_empty() {
             // An empty create still needs a change, or there is nothing to store or sync.
-            document.doc.empty_commit(automerge::transaction::CommitOptions::default());
+            document
+                .doc
+                .empty_commit(automerge::transaction::CommitOptions::default());
         }
         self.documents.insert(doc_id, document);
-        self.persist(doc_id, &[], Pending::Write { request: id, doc_id });
+        self.persist(
+            doc_id,
+            &[],
+            Pending::Write {
+                request: id,
+                doc_id,
+            },
+        );
         None
     }
 
-    fn edit(&mut self, id: RequestId, doc_id: DocId, ops: &[Op]) -> Option<Result<Response, RequestError>> {
+    fn edit(
+        &mut self,
+        id: RequestId,
+        doc_id: DocId,
+        ops: &[Op],
+    ) -> Option<Result<Response, RequestError>> {
         if self.reloading.contains_key(&doc_id) {
             return Some(Err(RequestError::Unavailable(doc_id)));
         }
         let time = self.commit_time_secs();
-        let Some(document) = self.documents.get_mut(&doc_id).filter(|d| !d.is_placeholder) else {
+        let Some(document) = self
+            .documents
+            .get_mut(&doc_id)
+            .filter(|d| !d.is_placeholder)
+        else {
             return Some(Err(RequestError::NotFound(doc_id)));
         };
         let before = document.doc.get_heads();
         match apply_ops(&mut document.doc, ops, time) {
             Err(error) => Some(Err(error.into())),
-            Ok(false) => Some(Ok(Response::Written { doc_id, heads: heads_hex(&before) })),
+            Ok(false) => Some(Ok(Response::Written {
+                doc_id,
+                heads: heads_hex(&before),
+            })),
             Ok(true) => {
-                self.persist(doc_id, &before, Pending::Write { request: id, doc_id });
+                self.persist(
+                    doc_id,
+                    &before,
+                    Pending::Write {
+                        request: id,
+                        doc_id,
+                    },
+                );
                 None
             }
         }
@@ -499,7 +599,9 @@ impl Node {
     fn persist(&mut self, doc_id: DocId, before: &[ChangeHash], then: Pending) {
         let hlc = self.hlc.new_timestamp().get_time().as_u64();
         let compact_after = self.config.compact_after_changes;
-        let Some(document) = self.documents.get_mut(&doc_id) else { return };
+        let Some(document) = self.documents.get_mut(&doc_id) else {
+            return;
+        };
         let changes = document.changes_since(before);
         let heads = document.doc.get_heads();
         document.is_placeholder = false;
@@ -514,7 +616,10 @@ impl Node {
         };
         let compact = (document.changes_since_snapshot >= compact_after).then(|| {
             document.changes_since_snapshot = 0;
-            StoreTask::Compact { doc_id, snapshot: document.doc.save() }
+            StoreTask::Compact {
+                doc_id,
+                snapshot: document.doc.save(),
+            }
         });
         self.store(append, then);
         if let Some(compact) = compact {
@@ -532,8 +637,15 @@ impl Node {
     fn on_store_done(&mut self, task: TaskId, reply: StoreReply) {
         match (self.pending.remove(&task), reply) {
             (Some(Pending::Write { request, doc_id }), _) => {
-                let heads = self.documents.get(&doc_id).map(|d| heads_hex(&d.doc.get_heads())).unwrap_or_default();
-                self.outputs.push_back(Output::Respond { id: request, result: Ok(Response::Written { doc_id, heads }) });
+                let heads = self
+                    .documents
+                    .get(&doc_id)
+                    .map(|d| heads_hex(&d.doc.get_heads()))
+                    .unwrap_or_default();
+                self.outputs.push_back(Output::Respond {
+                    id: request,
+                    result: Ok(Response::Written { doc_id, heads }),
+                });
                 self.announce(doc_id);
             }
             (Some(Pending::Announce { doc_id }), _) => self.announce(doc_id),
@@ -562,7 +674,12 @@ impl Node {
 
     /// Offers a document's news to every ready peer.
     fn announce(&mut self, doc_id: DocId) {
-        let conns: Vec<ConnId> = self.peers.iter().filter(|(_, p)| p.is_ready()).map(|(c, _)| *c).collect();
+        let conns: Vec<ConnId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.is_ready())
+            .map(|(c, _)| *c)
+            .collect();
         for conn in conns {
             self.sync_with(conn, doc_id);
         }
@@ -570,12 +687,25 @@ impl Node {
 
     /// Sends the next Automerge sync message for one document to one peer, if there is one.
     fn sync_with(&mut self, conn: ConnId, doc_id: DocId) {
-        let Some(document) = self.documents.get(&doc_id) else { return };
-        let Some(peer) = self.peers.get_mut(&conn) else { return };
+        let Some(document) = self.documents.get(&doc_id) else {
+            return;
+        };
+        let Some(peer) = self.peers.get_mut(&conn) else {
+            return;
+        };
         let state = peer.sync_states.entry(doc_id).or_default();
-        let Some(message) = document.doc.generate_sync_message(state) else { return };
+        let Some(message) = document.doc.generate_sync_message(state) else {
+            return;
+        };
         let collection = document.collection.clone();
-        self.send(conn, Message::DocSync { doc_id, collection, sync_message: message.encode() });
+        self.send(
+            conn,
+            Message::DocSync {
+                doc_id,
+                collection,
+                sync_message: message.encode(),
+            },
+        );
     }
 
     fn send_inventory(&mut self, conn: ConnId) {
@@ -590,12 +720,20 @@ impl Node {
             })
             .collect();
         for chunk in entries.chunks(MAX_INVENTORY_ENTRIES_PER_MESSAGE) {
-            self.send(conn, Message::Inventory { entries: chunk.to_vec() });
+            self.send(
+                conn,
+                Message::Inventory {
+                    entries: chunk.to_vec(),
+                },
+            );
         }
     }
 
     fn send(&mut self, conn: ConnId, message: Message) {
-        let envelope = Envelope { sent_at: self.hlc.new_timestamp(), message };
+        let envelope = Envelope {
+            sent_at: self.hlc.new_timestamp(),
+            message,
+        };
         match encode_frame(&envelope.encode(), self.config.max_frame_bytes) {
             Ok(bytes) => {
                 self.stats.frames_sent += 1;
@@ -603,14 +741,23 @@ impl Node {
                 self.outputs.push_back(Output::Transmit { conn, bytes });
             }
             // A document too large for one frame cannot sync over this link; the peer stays up.
-            Err(error) => self.outputs.push_back(Output::Close { conn, reason: format!("cannot send: {error}") }),
+            Err(error) => self.outputs.push_back(Output::Close {
+                conn,
+                reason: format!("cannot send: {error}"),
+            }),
         }
     }
 
     /// Tells the peer why, then closes the connection.
     fn refuse(&mut self, conn: ConnId, reason: String) {
         self.stats.protocol_errors += 1;
-        self.send(conn, Message::Refuse { reason: reason.clone(), protocol_version: PROTOCOL_VERSION });
+        self.send(
+            conn,
+            Message::Refuse {
+                reason: reason.clone(),
+                protocol_version: PROTOCOL_VERSION,
+            },
+        );
         self.outputs.push_back(Output::Close { conn, reason });
         self.peers.remove(&conn);
     }

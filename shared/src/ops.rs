@@ -155,9 +155,16 @@ pub enum OpError {
 /// Applies `ops` to `doc` as one change; returns `Ok(false)` if they changed nothing.
 ///
 /// `commit_time_secs` is advisory metadata stored in the change.
-pub fn apply_ops(doc: &mut automerge::Automerge, ops: &[Op], commit_time_secs: i64) -> Result<bool, OpError> {
+pub fn apply_ops(
+    doc: &mut automerge::Automerge,
+    ops: &[Op],
+    commit_time_secs: i64,
+) -> Result<bool, OpError> {
     if ops.len() > MAX_OPS_PER_CHANGE {
-        return Err(OpError::OverLimit(format!("{} ops, at most {MAX_OPS_PER_CHANGE} per change", ops.len())));
+        return Err(OpError::OverLimit(format!(
+            "{} ops, at most {MAX_OPS_PER_CHANGE} per change",
+            ops.len()
+        )));
     }
     let mut tx = doc.transaction();
     for (index, op) in ops.iter().enumerate() {
@@ -175,7 +182,10 @@ pub fn apply_ops(doc: &mut automerge::Automerge, ops: &[Op], commit_time_secs: i
 }
 
 fn apply_op(tx: &mut Transaction<'_>, op_index: usize, op: &Op) -> Result<(), OpError> {
-    let rejected = |e: AutomergeError| OpError::Rejected { op: op_index, reason: e.to_string() };
+    let rejected = |e: AutomergeError| OpError::Rejected {
+        op: op_index,
+        reason: e.to_string(),
+    };
     match op {
         Op::Set { path, value, kind } => {
             let (parent, last) = split_path(op_index, path)?;
@@ -188,7 +198,12 @@ fn apply_op(tx: &mut Transaction<'_>, op_index: usize, op: &Op) -> Result<(), Op
                     check_index(tx, op_index, path, &obj, *i, false)?;
                     put_value(tx, op_index, &obj, Slot::Replace(*i), value, *kind, 0)
                 }
-                (found, _) => Err(wrong_type(op_index, parent, "a map (with a key) or a list (with an index)", found)),
+                (found, _) => Err(wrong_type(
+                    op_index,
+                    parent,
+                    "a map (with a key) or a list (with an index)",
+                    found,
+                )),
             }
         }
         Op::Delete { path } => {
@@ -197,7 +212,10 @@ fn apply_op(tx: &mut Transaction<'_>, op_index: usize, op: &Op) -> Result<(), Op
             match (obj_type, last) {
                 (ObjType::Map, PathSegment::Key(key)) => {
                     if tx.get(&obj, key.as_str()).map_err(rejected)?.is_none() {
-                        return Err(OpError::NotFound { op: op_index, path: path_json(path) });
+                        return Err(OpError::NotFound {
+                            op: op_index,
+                            path: path_json(path),
+                        });
                     }
                     tx.delete(&obj, key.as_str()).map_err(rejected)
                 }
@@ -205,10 +223,20 @@ fn apply_op(tx: &mut Transaction<'_>, op_index: usize, op: &Op) -> Result<(), Op
                     check_index(tx, op_index, path, &obj, *i, false)?;
                     tx.delete(&obj, *i).map_err(rejected)
                 }
-                (found, _) => Err(wrong_type(op_index, parent, "a map (with a key) or a list (with an index)", found)),
+                (found, _) => Err(wrong_type(
+                    op_index,
+                    parent,
+                    "a map (with a key) or a list (with an index)",
+                    found,
+                )),
             }
         }
-        Op::Insert { path, index, value, kind } => {
+        Op::Insert {
+            path,
+            index,
+            value,
+            kind,
+        } => {
             let (obj, obj_type) = resolve(tx, op_index, path)?;
             if obj_type != ObjType::List {
                 return Err(wrong_type(op_index, path, "a list", obj_type));
@@ -216,7 +244,12 @@ fn apply_op(tx: &mut Transaction<'_>, op_index: usize, op: &Op) -> Result<(), Op
             check_index(tx, op_index, path, &obj, *index, true)?;
             put_value(tx, op_index, &obj, Slot::Insert(*index), value, *kind, 0)
         }
-        Op::Splice { path, index, delete, text } => {
+        Op::Splice {
+            path,
+            index,
+            delete,
+            text,
+        } => {
             let (obj, obj_type) = resolve(tx, op_index, path)?;
             if obj_type != ObjType::Text {
                 return Err(wrong_type(op_index, path, "text", obj_type));
@@ -224,9 +257,17 @@ fn apply_op(tx: &mut Transaction<'_>, op_index: usize, op: &Op) -> Result<(), Op
             let length = tx.length(&obj);
             if *index > length || delete.saturating_add(*index) > length {
                 let past = index.saturating_add(*delete);
-                return Err(OpError::OutOfRange { op: op_index, path: path_json(path), index: past, length });
+                return Err(OpError::OutOfRange {
+                    op: op_index,
+                    path: path_json(path),
+                    index: past,
+                    length,
+                });
             }
-            let delete = isize::try_from(*delete).map_err(|_| OpError::BadValue { op: op_index, reason: "delete count too large".into() })?;
+            let delete = isize::try_from(*delete).map_err(|_| OpError::BadValue {
+                op: op_index,
+                reason: "delete count too large".into(),
+            })?;
             tx.splice_text(&obj, *index, delete, text).map_err(rejected)
         }
         Op::Increment { path, by } => {
@@ -238,18 +279,23 @@ fn apply_op(tx: &mut Transaction<'_>, op_index: usize, op: &Op) -> Result<(), Op
             }
             .map_err(rejected)?;
             match current {
-                Some((Value::Scalar(s), _)) if matches!(s.as_ref(), ScalarValue::Counter(_)) => match last {
-                    PathSegment::Key(key) => tx.increment(&obj, key.as_str(), *by),
-                    PathSegment::Index(i) => tx.increment(&obj, *i, *by),
+                Some((Value::Scalar(s), _)) if matches!(s.as_ref(), ScalarValue::Counter(_)) => {
+                    match last {
+                        PathSegment::Key(key) => tx.increment(&obj, key.as_str(), *by),
+                        PathSegment::Index(i) => tx.increment(&obj, *i, *by),
+                    }
+                    .map_err(rejected)
                 }
-                .map_err(rejected),
                 Some((value, _)) => Err(OpError::WrongType {
                     op: op_index,
                     path: path_json(path),
                     expected: "a counter",
                     found: describe(&value),
                 }),
-                None => Err(OpError::NotFound { op: op_index, path: path_json(path) }),
+                None => Err(OpError::NotFound {
+                    op: op_index,
+                    path: path_json(path),
+                }),
             }
         }
     }
@@ -272,9 +318,14 @@ fn put_value(
     depth: usize,
 ) -> Result<(), OpError> {
     if depth > MAX_NESTING_DEPTH {
-        return Err(OpError::OverLimit(format!("op {op}: value nested deeper than {MAX_NESTING_DEPTH}")));
+        return Err(OpError::OverLimit(format!(
+            "op {op}: value nested deeper than {MAX_NESTING_DEPTH}"
+        )));
     }
-    let rejected = |e: AutomergeError| OpError::Rejected { op, reason: e.to_string() };
+    let rejected = |e: AutomergeError| OpError::Rejected {
+        op,
+        reason: e.to_string(),
+    };
     let object_type = match (value, kind) {
         (Json::Object(_), _) => Some(ObjType::Map),
         (Json::Array(_), _) => Some(ObjType::List),
@@ -299,12 +350,28 @@ fn put_value(
     match value {
         Json::Object(fields) => {
             for (key, field) in fields {
-                put_value(tx, op, &child, Slot::Key(key), field, ValueKind::Auto, depth + 1)?;
+                put_value(
+                    tx,
+                    op,
+                    &child,
+                    Slot::Key(key),
+                    field,
+                    ValueKind::Auto,
+                    depth + 1,
+                )?;
             }
         }
         Json::Array(items) => {
             for (i, item) in items.iter().enumerate() {
-                put_value(tx, op, &child, Slot::Insert(i), item, ValueKind::Auto, depth + 1)?;
+                put_value(
+                    tx,
+                    op,
+                    &child,
+                    Slot::Insert(i),
+                    item,
+                    ValueKind::Auto,
+                    depth + 1,
+                )?;
             }
         }
         Json::String(text) => tx.splice_text(&child, 0, 0, text).map_err(rejected)?,
@@ -314,11 +381,15 @@ fn put_value(
 }
 
 fn scalar(op: usize, value: &Json, kind: ValueKind) -> Result<ScalarValue, OpError> {
-    let bad = |reason: &str| OpError::BadValue { op, reason: reason.to_owned() };
+    let bad = |reason: &str| OpError::BadValue {
+        op,
+        reason: reason.to_owned(),
+    };
     Ok(match (value, kind) {
-        (Json::Number(n), ValueKind::Counter) => {
-            ScalarValue::counter(n.as_i64().ok_or_else(|| bad("a counter must be an integer"))?)
-        }
+        (Json::Number(n), ValueKind::Counter) => ScalarValue::counter(
+            n.as_i64()
+                .ok_or_else(|| bad("a counter must be an integer"))?,
+        ),
         (_, ValueKind::Counter) => return Err(bad("a counter must be an integer")),
         (Json::String(s), _) => ScalarValue::Str(s.as_str().into()),
         (Json::Null, _) => ScalarValue::Null,
@@ -329,7 +400,9 @@ fn scalar(op: usize, value: &Json, kind: ValueKind) -> Result<ScalarValue, OpErr
             (_, _, Some(f)) => ScalarValue::F64(f),
             _ => return Err(bad("number out of range")),
         },
-        (Json::Object(_) | Json::Array(_), _) => return Err(bad("kind \"string\" needs a string value")),
+        (Json::Object(_) | Json::Array(_), _) => {
+            return Err(bad("kind \"string\" needs a string value"))
+        }
     })
 }
 
@@ -341,28 +414,56 @@ fn split_path(op: usize, path: &[PathSegment]) -> Result<(&[PathSegment], &PathS
 }
 
 /// Walks `path` from the root to an object; fails if any step is missing or not an object.
-fn resolve(tx: &Transaction<'_>, op: usize, path: &[PathSegment]) -> Result<(ObjId, ObjType), OpError> {
+fn resolve(
+    tx: &Transaction<'_>,
+    op: usize,
+    path: &[PathSegment],
+) -> Result<(ObjId, ObjType), OpError> {
     if path.len() > MAX_NESTING_DEPTH {
-        return Err(OpError::OverLimit(format!("op {op}: path deeper than {MAX_NESTING_DEPTH}")));
+        return Err(OpError::OverLimit(format!(
+            "op {op}: path deeper than {MAX_NESTING_DEPTH}"
+        )));
     }
     let mut current = (ROOT, ObjType::Map);
     for (depth, segment) in path.iter().enumerate() {
         let here = &path[..=depth];
         let found = match (current.1, segment) {
-            (ObjType::Map | ObjType::Table, PathSegment::Key(key)) => tx.get(&current.0, key.as_str()),
+            (ObjType::Map | ObjType::Table, PathSegment::Key(key)) => {
+                tx.get(&current.0, key.as_str())
+            }
             (ObjType::List, PathSegment::Index(i)) => {
                 check_index(tx, op, here, &current.0, *i, false)?;
                 tx.get(&current.0, *i)
             }
-            (found, _) => return Err(wrong_type(op, &path[..depth], "a map or list matching the path segment", found)),
+            (found, _) => {
+                return Err(wrong_type(
+                    op,
+                    &path[..depth],
+                    "a map or list matching the path segment",
+                    found,
+                ))
+            }
         }
-        .map_err(|e| OpError::Rejected { op, reason: e.to_string() })?;
+        .map_err(|e| OpError::Rejected {
+            op,
+            reason: e.to_string(),
+        })?;
         current = match found {
             Some((Value::Object(obj_type), id)) => (id, obj_type),
             Some((value, _)) => {
-                return Err(OpError::WrongType { op, path: path_json(here), expected: "an object", found: describe(&value) })
+                return Err(OpError::WrongType {
+                    op,
+                    path: path_json(here),
+                    expected: "an object",
+                    found: describe(&value),
+                })
             }
-            None => return Err(OpError::NotFound { op, path: path_json(here) }),
+            None => {
+                return Err(OpError::NotFound {
+                    op,
+                    path: path_json(here),
+                })
+            }
         };
     }
     Ok(current)
@@ -377,16 +478,30 @@ fn check_index(
     inserting: bool,
 ) -> Result<(), OpError> {
     let length = tx.length(obj);
-    let in_range = if inserting { index <= length } else { index < length };
+    let in_range = if inserting {
+        index <= length
+    } else {
+        index < length
+    };
     if in_range {
         Ok(())
     } else {
-        Err(OpError::OutOfRange { op, path: path_json(path), index, length })
+        Err(OpError::OutOfRange {
+            op,
+            path: path_json(path),
+            index,
+            length,
+        })
     }
 }
 
 fn wrong_type(op: usize, path: &[PathSegment], expected: &'static str, found: ObjType) -> OpError {
-    OpError::WrongType { op, path: path_json(path), expected, found: format!("a {}", obj_type_name(found)) }
+    OpError::WrongType {
+        op,
+        path: path_json(path),
+        expected,
+        found: format!("a {}", obj_type_name(found)),
+    }
 }
 
 fn obj_type_name(obj_type: ObjType) -> &'static str {
@@ -456,16 +571,42 @@ mod tests {
     #[test]
     fn a_failing_op_applies_nothing() {
         let mut doc = automerge::Automerge::new();
-        apply_ops(&mut doc, &ops(json!([{"op": "set", "path": ["list"], "value": [1]}])), 0).unwrap();
+        apply_ops(
+            &mut doc,
+            &ops(json!([{"op": "set", "path": ["list"], "value": [1]}])),
+            0,
+        )
+        .unwrap();
         let heads = doc.get_heads();
         let cases = [
-            (json!([{"op": "set", "path": ["x"], "value": 1}, {"op": "insert", "path": ["list"], "index": 5, "value": 2}]), "out of range"),
-            (json!([{"op": "set", "path": ["x"], "value": 1}, {"op": "splice", "path": ["list"], "index": 0, "text": "a"}]), "expected text"),
-            (json!([{"op": "increment", "path": ["list"], "by": 1}]), "expected a counter"),
-            (json!([{"op": "delete", "path": ["missing"]}]), "nothing at path"),
-            (json!([{"op": "set", "path": [], "value": 1}]), "must not be empty"),
-            (json!([{"op": "set", "path": ["a", "b"], "value": 1}]), "nothing at path"),
-            (json!([{"op": "set", "path": ["c"], "value": 1.5, "kind": "counter"}]), "integer"),
+            (
+                json!([{"op": "set", "path": ["x"], "value": 1}, {"op": "insert", "path": ["list"], "index": 5, "value": 2}]),
+                "out of range",
+            ),
+            (
+                json!([{"op": "set", "path": ["x"], "value": 1}, {"op": "splice", "path": ["list"], "index": 0, "text": "a"}]),
+                "expected text",
+            ),
+            (
+                json!([{"op": "increment", "path": ["list"], "by": 1}]),
+                "expected a counter",
+            ),
+            (
+                json!([{"op": "delete", "path": ["missing"]}]),
+                "nothing at path",
+            ),
+            (
+                json!([{"op": "set", "path": [], "value": 1}]),
+                "must not be empty",
+            ),
+            (
+                json!([{"op": "set", "path": ["a", "b"], "value": 1}]),
+                "nothing at path",
+            ),
+            (
+                json!([{"op": "set", "path": ["c"], "value": 1.5, "kind": "counter"}]),
+                "integer",
+            ),
         ];
         for (batch, expected) in cases {
             let error = apply_ops(&mut doc, &ops(batch.clone()), 0).unwrap_err();
@@ -477,6 +618,9 @@ mod tests {
     #[test]
     fn unknown_ops_and_fields_do_not_parse() {
         assert!(serde_json::from_value::<Vec<Op>>(json!([{"op": "explode", "path": []}])).is_err());
-        assert!(serde_json::from_value::<Vec<Op>>(json!([{"op": "delete", "path": [], "extra": 1}])).is_err());
+        assert!(serde_json::from_value::<Vec<Op>>(
+            json!([{"op": "delete", "path": [], "extra": 1}])
+        )
+        .is_err());
     }
 }

@@ -14,8 +14,8 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::ids::NodeId;
-use crate::node::{ConnId, Input, Node, NodeStats, Output, Request, RequestId, Response};
 use crate::node::RequestError;
+use crate::node::{ConnId, Input, Node, NodeStats, Output, Request, RequestId, Response};
 use crate::store_task::StoreTask;
 
 /// Commands waiting for the node loop. Full means the node is saturated: callers wait.
@@ -61,8 +61,15 @@ pub struct NodeStatus {
 #[derive(Debug)]
 enum Command {
     Input(Input),
-    Request { request: Request, reply: oneshot::Sender<Result<Response, RequestError>> },
-    Attach { conn: ConnId, peer: NodeId, writer: mpsc::Sender<WriterMessage> },
+    Request {
+        request: Request,
+        reply: oneshot::Sender<Result<Response, RequestError>>,
+    },
+    Attach {
+        conn: ConnId,
+        peer: NodeId,
+        writer: mpsc::Sender<WriterMessage>,
+    },
     Shutdown,
 }
 
@@ -84,14 +91,24 @@ impl NodeHandle {
     /// Sends a request and waits for the answer (writes: until durable).
     pub async fn request(&self, request: Request) -> Result<Response, DriverError> {
         let (reply, answer) = oneshot::channel();
-        self.commands.send(Command::Request { request, reply }).await.map_err(|_| DriverError::Stopped)?;
+        self.commands
+            .send(Command::Request { request, reply })
+            .await
+            .map_err(|_| DriverError::Stopped)?;
         Ok(answer.await.map_err(|_| DriverError::Stopped)??)
     }
 
     /// Registers a new connection's writer; returns its id. Bytes read from it go to [`Self::received`].
-    pub async fn attach(&self, peer: NodeId, writer: mpsc::Sender<WriterMessage>) -> Result<ConnId, DriverError> {
+    pub async fn attach(
+        &self,
+        peer: NodeId,
+        writer: mpsc::Sender<WriterMessage>,
+    ) -> Result<ConnId, DriverError> {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        self.commands.send(Command::Attach { conn, peer, writer }).await.map_err(|_| DriverError::Stopped)?;
+        self.commands
+            .send(Command::Attach { conn, peer, writer })
+            .await
+            .map_err(|_| DriverError::Stopped)?;
         Ok(conn)
     }
 
@@ -106,7 +123,10 @@ impl NodeHandle {
     }
 
     async fn input(&self, input: Input) -> Result<(), DriverError> {
-        self.commands.send(Command::Input(input)).await.map_err(|_| DriverError::Stopped)
+        self.commands
+            .send(Command::Input(input))
+            .await
+            .map_err(|_| DriverError::Stopped)
     }
 
     /// The latest status snapshot.
@@ -129,12 +149,27 @@ impl NodeHandle {
 ///
 /// `store` receives store tasks in order; store replies come back through the returned
 /// [`StoreReplies`]. The loop ends on shutdown, or when the store queue closes.
-pub fn spawn_node(node: Node, store: mpsc::Sender<(u64, StoreTask)>) -> (NodeHandle, StoreReplies, tokio::task::JoinHandle<()>) {
+pub fn spawn_node(
+    node: Node,
+    store: mpsc::Sender<(u64, StoreTask)>,
+) -> (NodeHandle, StoreReplies, tokio::task::JoinHandle<()>) {
     let (commands, receiver) = mpsc::channel(COMMAND_QUEUE_CAPACITY);
     let (status_tx, status) = watch::channel(NodeStatus::default());
-    let handle = NodeHandle { commands: commands.clone(), next_conn: Arc::new(AtomicU64::new(1)), status, node_id: node.node_id() };
+    let handle = NodeHandle {
+        commands: commands.clone(),
+        next_conn: Arc::new(AtomicU64::new(1)),
+        status,
+        node_id: node.node_id(),
+    };
     let replies = StoreReplies { commands };
-    let driver = Driver { node, store, writers: BTreeMap::new(), requests: BTreeMap::new(), next_request: 0, status: status_tx };
+    let driver = Driver {
+        node,
+        store,
+        writers: BTreeMap::new(),
+        requests: BTreeMap::new(),
+        next_request: 0,
+        status: status_tx,
+    };
     let task = tokio::spawn(driver.run(receiver));
     (handle, replies, task)
 }
@@ -148,7 +183,9 @@ pub struct StoreReplies {
 impl StoreReplies {
     /// Delivers a store reply from a blocking thread; false once the node loop is gone.
     pub fn deliver(&self, task: u64, reply: crate::store_task::StoreReply) -> bool {
-        self.commands.blocking_send(Command::Input(Input::StoreDone { task, reply })).is_ok()
+        self.commands
+            .blocking_send(Command::Input(Input::StoreDone { task, reply }))
+            .is_ok()
     }
 }
 
@@ -229,12 +266,15 @@ impl Driver {
         while let Some(output) = self.node.poll_output() {
             match output {
                 Output::Transmit { conn, bytes } => {
-                    let Some(writer) = self.writers.get(&conn) else { continue };
+                    let Some(writer) = self.writers.get(&conn) else {
+                        continue;
+                    };
                     if writer.try_send(WriterMessage::Frame(bytes)).is_err() {
                         // A peer that cannot keep up is dropped; it catches up on reconnect.
                         tracing::warn!(conn, "closing connection: send queue full");
                         self.writers.remove(&conn);
-                        self.node.handle_input(Instant::now(), Input::Disconnected { conn });
+                        self.node
+                            .handle_input(Instant::now(), Input::Disconnected { conn });
                     }
                 }
                 Output::Close { conn, reason } => {

@@ -1,8 +1,10 @@
 //! The I/O both binaries share: the SQLite store thread, TLS identity, QUIC transport, the
 //! tokio loop that drives a [`crate::node::Node`], and the operations HTTP endpoints.
 
+pub mod doc_api;
 pub mod driver;
 pub mod ops_http;
 pub mod quic;
+pub mod runtime;
 pub mod store;
 pub mod tls;

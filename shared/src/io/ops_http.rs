@@ -58,51 +58,120 @@ impl Metrics {
             last_stats: Mutex::new(NodeStats::default()),
             registry: Registry::default(),
         };
-        registry.register("frames_received", "Frames received from peers", metrics.frames_received.clone());
-        registry.register("frames_sent", "Frames sent to peers", metrics.frames_sent.clone());
-        registry.register("bytes_sent", "Bytes of frames sent to peers", metrics.bytes_sent.clone());
-        registry.register("protocol_errors", "Connections closed for protocol violations", metrics.protocol_errors.clone());
+        registry.register(
+            "frames_received",
+            "Frames received from peers",
+            metrics.frames_received.clone(),
+        );
+        registry.register(
+            "frames_sent",
+            "Frames sent to peers",
+            metrics.frames_sent.clone(),
+        );
+        registry.register(
+            "bytes_sent",
+            "Bytes of frames sent to peers",
+            metrics.bytes_sent.clone(),
+        );
+        registry.register(
+            "protocol_errors",
+            "Connections closed for protocol violations",
+            metrics.protocol_errors.clone(),
+        );
         registry.register(
             "clock_drift_rejections",
             "Peer timestamps refused for exceeding the allowed clock drift",
             metrics.clock_drift_rejections.clone(),
         );
-        registry.register("changes_committed", "Automerge changes committed to the store", metrics.changes_committed.clone());
-        registry.register("document_reloads", "Documents reloaded after Automerge panicked", metrics.document_reloads.clone());
+        registry.register(
+            "changes_committed",
+            "Automerge changes committed to the store",
+            metrics.changes_committed.clone(),
+        );
+        registry.register(
+            "document_reloads",
+            "Documents reloaded after Automerge panicked",
+            metrics.document_reloads.clone(),
+        );
         registry.register("documents", "Documents held", metrics.documents.clone());
-        registry.register("ready_peers", "Connected peers with a completed handshake", metrics.ready_peers.clone());
-        registry.register("queued_commands", "Commands waiting for the node loop", metrics.queued_commands.clone());
-        registry.register("commit_latency_seconds", "Duration of one group commit", metrics.commit_latency_seconds.clone());
-        registry.register("commit_batch_tasks", "Store tasks folded into one commit", metrics.commit_batch_tasks.clone());
-        Self { registry, ..metrics }
+        registry.register(
+            "ready_peers",
+            "Connected peers with a completed handshake",
+            metrics.ready_peers.clone(),
+        );
+        registry.register(
+            "queued_commands",
+            "Commands waiting for the node loop",
+            metrics.queued_commands.clone(),
+        );
+        registry.register(
+            "commit_latency_seconds",
+            "Duration of one group commit",
+            metrics.commit_latency_seconds.clone(),
+        );
+        registry.register(
+            "commit_batch_tasks",
+            "Store tasks folded into one commit",
+            metrics.commit_batch_tasks.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
     }
 
     /// Records one group commit (called from the store thread).
     pub fn observe_commit(&self, report: CommitReport) {
-        self.commit_latency_seconds.observe(report.latency.as_secs_f64());
+        self.commit_latency_seconds
+            .observe(report.latency.as_secs_f64());
         self.commit_batch_tasks.observe(report.tasks as f64);
     }
 
     fn refresh(&self, node: &NodeHandle) {
         let status = node.status();
-        let Ok(mut last) = self.last_stats.lock() else { return };
+        let Ok(mut last) = self.last_stats.lock() else {
+            return;
+        };
         let s = &status.stats;
         let pairs = [
-            (&self.frames_received, s.frames_received, last.frames_received),
+            (
+                &self.frames_received,
+                s.frames_received,
+                last.frames_received,
+            ),
             (&self.frames_sent, s.frames_sent, last.frames_sent),
             (&self.bytes_sent, s.bytes_sent, last.bytes_sent),
-            (&self.protocol_errors, s.protocol_errors, last.protocol_errors),
-            (&self.clock_drift_rejections, s.clock_drift_rejections, last.clock_drift_rejections),
-            (&self.changes_committed, s.changes_committed, last.changes_committed),
-            (&self.document_reloads, s.document_reloads, last.document_reloads),
+            (
+                &self.protocol_errors,
+                s.protocol_errors,
+                last.protocol_errors,
+            ),
+            (
+                &self.clock_drift_rejections,
+                s.clock_drift_rejections,
+                last.clock_drift_rejections,
+            ),
+            (
+                &self.changes_committed,
+                s.changes_committed,
+                last.changes_committed,
+            ),
+            (
+                &self.document_reloads,
+                s.document_reloads,
+                last.document_reloads,
+            ),
         ];
         for (counter, now, before) in pairs {
             counter.inc_by(now.saturating_sub(before));
         }
         *last = status.stats.clone();
-        self.documents.set(i64::try_from(status.documents).unwrap_or(i64::MAX));
-        self.ready_peers.set(i64::try_from(status.ready_peers).unwrap_or(i64::MAX));
-        self.queued_commands.set(i64::try_from(status.queued_commands).unwrap_or(i64::MAX));
+        self.documents
+            .set(i64::try_from(status.documents).unwrap_or(i64::MAX));
+        self.ready_peers
+            .set(i64::try_from(status.ready_peers).unwrap_or(i64::MAX));
+        self.queued_commands
+            .set(i64::try_from(status.queued_commands).unwrap_or(i64::MAX));
     }
 
     /// The metrics in Prometheus text format.
@@ -159,5 +228,11 @@ async fn readyz(State(state): State<OpsState>) -> impl IntoResponse {
 
 async fn metrics(State(state): State<OpsState>) -> impl IntoResponse {
     let body = state.metrics.render(&state.node);
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
 }

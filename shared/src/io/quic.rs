@@ -17,25 +17,26 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Liveness and reconnection timing.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LinkTiming {
-    /// QUIC keep-alive ping interval: the heartbeat.
-    pub keep_alive: Duration,
-    /// A link silent this long is dead.
-    pub idle_timeout: Duration,
-    /// First reconnect delay.
-    pub backoff_initial: Duration,
-    /// Largest reconnect delay.
-    pub backoff_max: Duration,
+    /// QUIC keep-alive ping interval (the heartbeat), in milliseconds.
+    pub keep_alive_ms: u64,
+    /// A link silent this long is dead, in milliseconds.
+    pub idle_timeout_ms: u64,
+    /// First reconnect delay, in milliseconds.
+    pub backoff_initial_ms: u64,
+    /// Largest reconnect delay, in milliseconds.
+    pub backoff_max_ms: u64,
 }
 
 impl Default for LinkTiming {
     fn default() -> Self {
         Self {
-            keep_alive: Duration::from_secs(2),
-            idle_timeout: Duration::from_secs(8),
-            backoff_initial: Duration::from_millis(200),
-            backoff_max: Duration::from_secs(10),
+            keep_alive_ms: 2_000,
+            idle_timeout_ms: 8_000,
+            backoff_initial_ms: 200,
+            backoff_max_ms: 10_000,
         }
     }
 }
@@ -44,8 +45,10 @@ impl LinkTiming {
     /// QUIC transport settings carrying the heartbeat and idle timeout.
     pub fn transport(&self) -> Arc<quinn::TransportConfig> {
         let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(self.keep_alive));
-        transport.max_idle_timeout(quinn::IdleTimeout::try_from(self.idle_timeout).ok());
+        transport.keep_alive_interval(Some(Duration::from_millis(self.keep_alive_ms)));
+        transport.max_idle_timeout(
+            quinn::IdleTimeout::try_from(Duration::from_millis(self.idle_timeout_ms)).ok(),
+        );
         // One stream per connection carries the protocol; refuse any more.
         transport.max_concurrent_bidi_streams(1u32.into());
         transport.max_concurrent_uni_streams(0u32.into());
@@ -74,13 +77,20 @@ pub enum TransportError {
 }
 
 /// A server endpoint for hubs.
-pub fn server_endpoint(identity: &Identity, listen: SocketAddr, timing: &LinkTiming) -> Result<quinn::Endpoint, TransportError> {
+pub fn server_endpoint(
+    identity: &Identity,
+    listen: SocketAddr,
+    timing: &LinkTiming,
+) -> Result<quinn::Endpoint, TransportError> {
     let config = identity.server_config(timing.transport())?;
     Ok(quinn::Endpoint::server(config, listen)?)
 }
 
 /// A client endpoint for agents, bound to an ephemeral local port.
-pub fn client_endpoint(identity: &Identity, timing: &LinkTiming) -> Result<quinn::Endpoint, TransportError> {
+pub fn client_endpoint(
+    identity: &Identity,
+    timing: &LinkTiming,
+) -> Result<quinn::Endpoint, TransportError> {
     let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
     let mut endpoint = quinn::Endpoint::client(bind)?;
     endpoint.set_default_client_config(identity.client_config(timing.transport())?);
@@ -88,11 +98,22 @@ pub fn client_endpoint(identity: &Identity, timing: &LinkTiming) -> Result<quinn
 }
 
 /// Pumps one authenticated connection between QUIC and the node until either side ends it.
-pub async fn run_connection(node: NodeHandle, connection: quinn::Connection, initiator: bool) -> Result<(), TransportError> {
+pub async fn run_connection(
+    node: NodeHandle,
+    connection: quinn::Connection,
+    initiator: bool,
+) -> Result<(), TransportError> {
     let peer = peer_node_id(&connection)?;
-    let (send, mut recv) = if initiator { connection.open_bi().await? } else { connection.accept_bi().await? };
+    let (send, mut recv) = if initiator {
+        connection.open_bi().await?
+    } else {
+        connection.accept_bi().await?
+    };
     let (writer_tx, writer_rx) = mpsc::channel(CONNECTION_QUEUE_CAPACITY);
-    let conn = node.attach(peer, writer_tx).await.map_err(|_| TransportError::NodeStopped)?;
+    let conn = node
+        .attach(peer, writer_tx)
+        .await
+        .map_err(|_| TransportError::NodeStopped)?;
     tracing::info!(conn, %peer, remote = %connection.remote_address(), "peer connected");
     let writer = tokio::spawn(write_frames(connection.clone(), send, writer_rx));
     let mut buffer = vec![0u8; READ_CHUNK_BYTES];
@@ -107,7 +128,11 @@ pub async fn run_connection(node: NodeHandle, connection: quinn::Connection, ini
     Ok(())
 }
 
-async fn write_frames(connection: quinn::Connection, mut send: quinn::SendStream, mut frames: mpsc::Receiver<WriterMessage>) {
+async fn write_frames(
+    connection: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut frames: mpsc::Receiver<WriterMessage>,
+) {
     let mut reason = String::from("closed");
     while let Some(message) = frames.recv().await {
         match message {
@@ -129,7 +154,12 @@ async fn write_frames(connection: quinn::Connection, mut send: quinn::SendStream
 }
 
 /// Accepts agents until `shutdown` resolves; at most `max_connections` at once.
-pub async fn accept_loop(endpoint: quinn::Endpoint, node: NodeHandle, max_connections: usize, shutdown: impl std::future::Future<Output = ()>) {
+pub async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    node: NodeHandle,
+    max_connections: usize,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     let permits = Arc::new(Semaphore::new(max_connections));
     tokio::pin!(shutdown);
     loop {
@@ -159,10 +189,18 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, node: NodeHandle, max_connec
 
 /// Keeps an agent connected to its hub: dial, pump until the link dies, back off, repeat.
 ///
-/// Backoff doubles from `backoff_initial` to `backoff_max` with full jitter, so many agents
+/// Backoff doubles from `backoff_initial_ms` to `backoff_max_ms` with full jitter, so many agents
 /// losing the same hub do not return in step. A link that stayed up resets the backoff.
-pub async fn dial_loop(endpoint: quinn::Endpoint, hub: SocketAddr, server_name: String, node: NodeHandle, timing: LinkTiming) {
-    let mut backoff = timing.backoff_initial;
+pub async fn dial_loop(
+    endpoint: quinn::Endpoint,
+    hub: SocketAddr,
+    server_name: String,
+    node: NodeHandle,
+    timing: LinkTiming,
+) {
+    let initial = Duration::from_millis(timing.backoff_initial_ms.max(1));
+    let max = Duration::from_millis(timing.backoff_max_ms.max(timing.backoff_initial_ms).max(1));
+    let mut backoff = initial;
     while node.is_running() {
         let started = tokio::time::Instant::now();
         match endpoint.connect(hub, &server_name) {
@@ -176,11 +214,11 @@ pub async fn dial_loop(endpoint: quinn::Endpoint, hub: SocketAddr, server_name: 
             },
             Err(error) => tracing::warn!(%error, %hub, "cannot dial hub"),
         }
-        if started.elapsed() > timing.backoff_max {
-            backoff = timing.backoff_initial;
+        if started.elapsed() > max {
+            backoff = initial;
         }
         let jittered = rand::thread_rng().gen_range(Duration::ZERO..=backoff);
         tokio::time::sleep(jittered).await;
-        backoff = (backoff * 2).min(timing.backoff_max);
+        backoff = (backoff * 2).min(max);
     }
 }

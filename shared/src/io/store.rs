@@ -92,9 +92,14 @@ impl Store {
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
-        let version: usize = self.conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        let version: usize = self
+            .conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))?;
         if version > MIGRATIONS.len() {
-            return Err(StoreError::TooNew { found: version, supported: MIGRATIONS.len() });
+            return Err(StoreError::TooNew {
+                found: version,
+                supported: MIGRATIONS.len(),
+            });
         }
         let tx = self.conn.transaction()?;
         for migration in &MIGRATIONS[version..] {
@@ -107,7 +112,9 @@ impl Store {
 
     /// Every stored document, for start-up.
     pub fn load_all(&self) -> Result<Vec<StoredDoc>, StoreError> {
-        let mut statement = self.conn.prepare("SELECT doc_id FROM documents ORDER BY doc_id")?;
+        let mut statement = self
+            .conn
+            .prepare("SELECT doc_id FROM documents ORDER BY doc_id")?;
         let ids = statement
             .query_map([], |row| row.get::<_, Vec<u8>>(0))?
             .collect::<Result<Vec<_>, _>>()?;
@@ -127,12 +134,21 @@ impl Store {
     }
 
     /// Runs tasks in order inside one transaction; nothing is answered unless all commit.
-    pub fn execute(&mut self, tasks: &[(TaskId, StoreTask)]) -> Result<Vec<(TaskId, StoreReply)>, StoreError> {
+    pub fn execute(
+        &mut self,
+        tasks: &[(TaskId, StoreTask)],
+    ) -> Result<Vec<(TaskId, StoreReply)>, StoreError> {
         let tx = self.conn.transaction()?;
         let mut replies = Vec::with_capacity(tasks.len());
         for (task, action) in tasks {
             let reply = match action {
-                StoreTask::Append { doc_id, collection, changes, heads, hlc } => {
+                StoreTask::Append {
+                    doc_id,
+                    collection,
+                    changes,
+                    heads,
+                    hlc,
+                } => {
                     let heads: Vec<u8> = heads.iter().flatten().copied().collect();
                     // HLC values use the full u64 range; SQLite integers are signed.
                     let hlc = *hlc as i64;
@@ -141,15 +157,22 @@ impl Store {
                          ON CONFLICT(doc_id) DO UPDATE SET heads = excluded.heads, hlc = excluded.hlc",
                         params![doc_id.as_bytes(), collection.as_str(), heads, hlc],
                     )?;
-                    let mut insert = tx.prepare_cached("INSERT INTO changes (doc_id, data) VALUES (?1, ?2)")?;
+                    let mut insert =
+                        tx.prepare_cached("INSERT INTO changes (doc_id, data) VALUES (?1, ?2)")?;
                     for change in changes {
                         insert.execute(params![doc_id.as_bytes(), change])?;
                     }
                     StoreReply::Committed
                 }
                 StoreTask::Compact { doc_id, snapshot } => {
-                    tx.execute("UPDATE documents SET snapshot = ?2 WHERE doc_id = ?1", params![doc_id.as_bytes(), snapshot])?;
-                    tx.execute("DELETE FROM changes WHERE doc_id = ?1", params![doc_id.as_bytes()])?;
+                    tx.execute(
+                        "UPDATE documents SET snapshot = ?2 WHERE doc_id = ?1",
+                        params![doc_id.as_bytes(), snapshot],
+                    )?;
+                    tx.execute(
+                        "DELETE FROM changes WHERE doc_id = ?1",
+                        params![doc_id.as_bytes()],
+                    )?;
                     StoreReply::Committed
                 }
                 StoreTask::Load { doc_id } => StoreReply::Loaded(load_doc(&tx, *doc_id)?),
@@ -162,8 +185,12 @@ impl Store {
 
     /// Bytes the database file occupies.
     pub fn size_bytes(&self) -> Result<u64, StoreError> {
-        let pages: i64 = self.conn.pragma_query_value(None, "page_count", |row| row.get(0))?;
-        let page_size: i64 = self.conn.pragma_query_value(None, "page_size", |row| row.get(0))?;
+        let pages: i64 = self
+            .conn
+            .pragma_query_value(None, "page_count", |row| row.get(0))?;
+        let page_size: i64 = self
+            .conn
+            .pragma_query_value(None, "page_size", |row| row.get(0))?;
         Ok(u64::try_from(pages * page_size).unwrap_or(0))
     }
 }
@@ -177,55 +204,66 @@ fn load_doc(conn: &Connection, doc_id: DocId) -> Result<Option<StoredDoc>, Store
             |row| Ok((row.get::<_, String>(0)?, row.get::<_, Option<Vec<u8>>>(1)?)),
         )
         .optional()?;
-    let Some((collection, snapshot)) = row else { return Ok(None) };
-    let collection: Collection =
-        collection.parse().map_err(|e: crate::ids::IdParseError| StoreError::Corrupt(e.to_string()))?;
-    let mut statement = conn.prepare_cached("SELECT data FROM changes WHERE doc_id = ?1 ORDER BY seq")?;
+    let Some((collection, snapshot)) = row else {
+        return Ok(None);
+    };
+    let collection: Collection = collection
+        .parse()
+        .map_err(|e: crate::ids::IdParseError| StoreError::Corrupt(e.to_string()))?;
+    let mut statement =
+        conn.prepare_cached("SELECT data FROM changes WHERE doc_id = ?1 ORDER BY seq")?;
     let changes = statement
         .query_map(params![doc_id.as_bytes()], |row| row.get::<_, Vec<u8>>(0))?
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Some(StoredDoc { doc_id, collection, snapshot, changes }))
+    Ok(Some(StoredDoc {
+        doc_id,
+        collection,
+        snapshot,
+        changes,
+    }))
 }
 
-/// The sending side of the store thread's queue.
-pub type StoreQueue = mpsc::Sender<(TaskId, StoreTask)>;
-
-/// Starts the store thread. Replies go to `on_reply`; commit timings to `on_commit`.
+/// Starts the store thread on `tasks`. Replies go to `on_reply`; commit timings to `on_commit`.
 /// The thread ends when the queue's senders are dropped, or on the first storage error.
 pub fn spawn_store_thread(
     mut store: Store,
+    mut tasks: mpsc::Receiver<(TaskId, StoreTask)>,
     mut on_reply: impl FnMut(TaskId, StoreReply) -> bool + Send + 'static,
     mut on_commit: impl FnMut(CommitReport) + Send + 'static,
-) -> (StoreQueue, std::thread::JoinHandle<Result<(), StoreError>>) {
-    let (queue, mut tasks) = mpsc::channel::<(TaskId, StoreTask)>(STORE_QUEUE_CAPACITY);
-    let handle = std::thread::Builder::new()
-        .name("cairn-store".into())
-        .spawn(move || {
-            let mut batch = Vec::with_capacity(MAX_TASKS_PER_COMMIT);
-            while let Some(first) = tasks.blocking_recv() {
-                batch.push(first);
-                while batch.len() < MAX_TASKS_PER_COMMIT {
-                    match tasks.try_recv() {
-                        Ok(task) => batch.push(task),
-                        Err(_) => break,
-                    }
-                }
-                let started = Instant::now();
-                let replies = store.execute(&batch)?;
-                on_commit(CommitReport { tasks: batch.len(), latency: started.elapsed() });
-                batch.clear();
-                for (task, reply) in replies {
-                    if !on_reply(task, reply) {
-                        return Ok(());
-                    }
+) -> std::thread::JoinHandle<Result<(), StoreError>> {
+    let run = move || {
+        let mut batch = Vec::with_capacity(MAX_TASKS_PER_COMMIT);
+        while let Some(first) = tasks.blocking_recv() {
+            batch.push(first);
+            while batch.len() < MAX_TASKS_PER_COMMIT {
+                match tasks.try_recv() {
+                    Ok(task) => batch.push(task),
+                    Err(_) => break,
                 }
             }
-            Ok(())
+            let started = Instant::now();
+            let replies = store.execute(&batch).inspect_err(|error| {
+                tracing::error!(%error, "store commit failed; stopping");
+            })?;
+            on_commit(CommitReport {
+                tasks: batch.len(),
+                latency: started.elapsed(),
+            });
+            batch.clear();
+            for (task, reply) in replies {
+                if !on_reply(task, reply) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    };
+    std::thread::Builder::new()
+        .name("cairn-store".into())
+        .spawn(run)
+        // Without a store thread nothing can be stored: report it when the caller joins.
+        .unwrap_or_else(|e| {
+            let message = format!("cannot start store thread: {e}");
+            std::thread::spawn(move || Err(StoreError::Corrupt(message)))
         })
-        .map_err(|e| StoreError::Corrupt(format!("cannot start store thread: {e}")));
-    match handle {
-        Ok(handle) => (queue, handle),
-        // Thread creation failing at start-up leaves nothing to recover; report it on join.
-        Err(error) => (queue, std::thread::spawn(move || Err(error))),
-    }
 }

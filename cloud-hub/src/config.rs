@@ -1,0 +1,112 @@
+//! The hub's configuration: defaults, then a TOML file, then environment and flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use cairn_shared::config::SyncConfig;
+use cairn_shared::io::quic::LinkTiming;
+use cairn_shared::io::runtime::{default_home, IdentityConfig};
+use clap::Parser;
+use serde::Deserialize;
+
+/// Command line; every flag also reads an environment variable.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cloud-hub",
+    version,
+    about = "Cairn regional hub: QUIC endpoint for edge agents"
+)]
+pub struct Cli {
+    /// TOML configuration file.
+    #[arg(long, env = "CAIRN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory (database and node key).
+    #[arg(long, env = "CAIRN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// QUIC address agents connect to.
+    #[arg(long, env = "CAIRN_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Address of the HTTP endpoints (health, readiness, metrics, document reads).
+    #[arg(long, env = "CAIRN_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// Directory of the development CA shared by local nodes.
+    #[arg(long, env = "CAIRN_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+}
+
+/// The hub's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HubConfig {
+    /// Data directory (default: `<home>/hub`).
+    pub data_dir: Option<PathBuf>,
+    /// QUIC address agents connect to.
+    pub listen: SocketAddr,
+    /// HTTP address for operators and probes.
+    pub http_listen: SocketAddr,
+    /// Names (DNS or IP) a generated development certificate carries.
+    pub certificate_names: Vec<String>,
+    /// Most agent connections at once; more are refused and retry with backoff.
+    pub max_connections: usize,
+    /// TLS material.
+    pub identity: IdentityConfig,
+    /// Sync tuning.
+    pub sync: SyncConfig,
+    /// Heartbeat timing.
+    pub link: LinkTiming,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: None,
+            listen: ([127, 0, 0, 1], 7700).into(),
+            http_listen: ([127, 0, 0, 1], 7701).into(),
+            certificate_names: vec!["localhost".into(), "127.0.0.1".into()],
+            max_connections: 10_000,
+            identity: IdentityConfig::default(),
+            sync: SyncConfig::hub(),
+            link: LinkTiming::default(),
+        }
+    }
+}
+
+impl HubConfig {
+    /// Defaults, overridden by the file, overridden by environment and flags.
+    pub fn load(cli: &Cli) -> anyhow::Result<Self> {
+        let mut config = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => Self::default(),
+        };
+        if let Some(dir) = &cli.data_dir {
+            config.data_dir = Some(dir.clone());
+        }
+        if let Some(listen) = cli.listen {
+            config.listen = listen;
+        }
+        if let Some(listen) = cli.http_listen {
+            config.http_listen = listen;
+        }
+        if let Some(dir) = &cli.ca_dir {
+            config.identity.ca_dir = Some(dir.clone());
+        }
+        config.sync.validate()?;
+        anyhow::ensure!(
+            config.max_connections > 0,
+            "max_connections must be at least 1"
+        );
+        Ok(config)
+    }
+
+    /// The data directory, with its default filled in.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| default_home().join("hub"))
+    }
+}

@@ -1,0 +1,105 @@
+//! The agent's configuration: defaults, then a TOML file, then environment and flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use cairn_shared::config::SyncConfig;
+use cairn_shared::io::quic::LinkTiming;
+use cairn_shared::io::runtime::{default_home, IdentityConfig};
+use clap::Parser;
+use serde::Deserialize;
+
+/// Command line; every flag also reads an environment variable.
+#[derive(Debug, Parser)]
+#[command(
+    name = "edge-agent",
+    version,
+    about = "Cairn edge agent: offline-first local store that syncs with a hub"
+)]
+pub struct Cli {
+    /// TOML configuration file.
+    #[arg(long, env = "CAIRN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory (database and node key).
+    #[arg(long, env = "CAIRN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The hub's QUIC address.
+    #[arg(long, env = "CAIRN_HUB")]
+    pub hub: Option<SocketAddr>,
+    /// Address of the local HTTP API (use port 0 for any free port).
+    #[arg(long, env = "CAIRN_API_LISTEN")]
+    pub api_listen: Option<SocketAddr>,
+    /// Directory of the development CA shared by local nodes.
+    #[arg(long, env = "CAIRN_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+}
+
+/// The agent's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Data directory (default: `<home>/agent`).
+    pub data_dir: Option<PathBuf>,
+    /// The hub's QUIC address.
+    pub hub: SocketAddr,
+    /// The name the hub's certificate must carry.
+    pub hub_server_name: String,
+    /// Local HTTP API address; loopback unless you put a proxy with authentication in front.
+    pub api_listen: SocketAddr,
+    /// TLS material.
+    pub identity: IdentityConfig,
+    /// Sync tuning.
+    pub sync: SyncConfig,
+    /// Heartbeat and reconnect timing.
+    pub link: LinkTiming,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: None,
+            hub: ([127, 0, 0, 1], 7700).into(),
+            hub_server_name: "localhost".into(),
+            api_listen: ([127, 0, 0, 1], 7780).into(),
+            identity: IdentityConfig::default(),
+            sync: SyncConfig::edge(),
+            link: LinkTiming::default(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Defaults, overridden by the file, overridden by environment and flags.
+    pub fn load(cli: &Cli) -> anyhow::Result<Self> {
+        let mut config = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => Self::default(),
+        };
+        if let Some(dir) = &cli.data_dir {
+            config.data_dir = Some(dir.clone());
+        }
+        if let Some(hub) = cli.hub {
+            config.hub = hub;
+        }
+        if let Some(listen) = cli.api_listen {
+            config.api_listen = listen;
+        }
+        if let Some(dir) = &cli.ca_dir {
+            config.identity.ca_dir = Some(dir.clone());
+        }
+        config.sync.validate()?;
+        Ok(config)
+    }
+
+    /// The data directory, with its default filled in.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| default_home().join("agent"))
+    }
+}

@@ -1,0 +1,233 @@
+//! Starting and stopping a node: identity, store, clock, core and driver, wired together.
+//!
+//! Both binaries start a node the same way; they differ only in how they connect
+//! (the hub accepts, the agent dials) and in which HTTP routes they serve.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use automerge::ActorId;
+
+use super::driver::{spawn_node, NodeHandle};
+use super::ops_http::{Metrics, OpsState};
+use super::store::{spawn_store_thread, Store, StoreError};
+use super::tls::{ensure_dev_certificates, Identity, TlsError, TlsPaths};
+use crate::config::{ConfigError, SyncConfig};
+use crate::message::Role;
+use crate::node::Node;
+
+/// Everything needed to start a node.
+#[derive(Debug, Clone)]
+pub struct NodeSetup {
+    /// Hub or agent.
+    pub role: Role,
+    /// Where the database (and, by default, the node's key) lives.
+    pub data_dir: PathBuf,
+    /// TLS material.
+    pub tls: TlsPaths,
+    /// Generate a development CA and certificate when they are missing.
+    pub dev_certificates: bool,
+    /// DNS names and IP addresses for a generated certificate.
+    pub certificate_names: Vec<String>,
+    /// Sync tuning.
+    pub sync: SyncConfig,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The sync configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// TLS material is missing or invalid.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The store cannot be opened or read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The data directory cannot be created.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// A started node.
+#[derive(Debug)]
+pub struct RunningNode {
+    /// Talks to the node loop.
+    pub handle: NodeHandle,
+    /// This node's TLS identity.
+    pub identity: Identity,
+    /// What the operations endpoints serve.
+    pub ops: OpsState,
+    /// Documents that could not be loaded at start (left on disk, untouched).
+    pub unloadable_documents: usize,
+    node_task: tokio::task::JoinHandle<()>,
+    store_thread: std::thread::JoinHandle<Result<(), StoreError>>,
+}
+
+/// The directory Cairn keeps its state under when nothing else is configured:
+/// `$XDG_DATA_HOME/cairn`, else `~/.local/share/cairn`, else `./cairn-data`.
+pub fn default_home() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("cairn");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/share/cairn"),
+        None => PathBuf::from("cairn-data"),
+    }
+}
+
+/// TLS paths under the usual layout: a CA shared by local nodes, a certificate per data dir.
+pub fn default_tls_paths(ca_dir: &Path, data_dir: &Path) -> TlsPaths {
+    TlsPaths {
+        ca_cert: ca_dir.join("ca.crt"),
+        ca_key: ca_dir.join("ca.key"),
+        node_cert: data_dir.join("node.crt"),
+        node_key: data_dir.join("node.key"),
+    }
+}
+
+/// Where a node's TLS material comes from (a config file section).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Directory of the development CA (default: `<home>/dev-ca`).
+    pub ca_dir: Option<PathBuf>,
+    /// Fleet CA certificate (default: `<ca_dir>/ca.crt`).
+    pub ca_cert: Option<PathBuf>,
+    /// This node's certificate (default: `<data_dir>/node.crt`).
+    pub node_cert: Option<PathBuf>,
+    /// This node's key (default: `<data_dir>/node.key`).
+    pub node_key: Option<PathBuf>,
+    /// Never generate certificates; fail if any is missing (production).
+    pub no_dev_certificates: bool,
+}
+
+impl IdentityConfig {
+    /// The paths, with defaults filled in relative to `data_dir`.
+    pub fn paths(&self, data_dir: &Path) -> TlsPaths {
+        let ca_dir = self
+            .ca_dir
+            .clone()
+            .unwrap_or_else(|| default_home().join("dev-ca"));
+        let defaults = default_tls_paths(&ca_dir, data_dir);
+        TlsPaths {
+            ca_cert: self.ca_cert.clone().unwrap_or(defaults.ca_cert),
+            ca_key: defaults.ca_key,
+            node_cert: self.node_cert.clone().unwrap_or(defaults.node_cert),
+            node_key: self.node_key.clone().unwrap_or(defaults.node_key),
+        }
+    }
+}
+
+/// The uhlc clock source for real nodes.
+fn wall_clock() -> uhlc::NTP64 {
+    uhlc::system_time_clock()
+}
+
+impl RunningNode {
+    /// Opens the store, loads every document and starts the node loop and store thread.
+    pub fn start(setup: &NodeSetup) -> Result<Self, StartError> {
+        setup.sync.validate()?;
+        std::fs::create_dir_all(&setup.data_dir).map_err(|source| StartError::DataDir {
+            path: setup.data_dir.clone(),
+            source,
+        })?;
+        if setup.dev_certificates {
+            ensure_dev_certificates(&setup.tls, &setup.certificate_names)?;
+        }
+        let identity = Identity::load(&setup.tls)?;
+        let store = Store::open(&setup.data_dir.join("cairn.db"))?;
+        let stored = store.load_all()?;
+        let hlc_id =
+            uhlc::ID::try_from(*identity.node_id.as_bytes()).unwrap_or_else(|_| uhlc::ID::rand());
+        let hlc = uhlc::HLCBuilder::new()
+            .with_id(hlc_id)
+            .with_clock(wall_clock)
+            .with_max_delta(Duration::from_millis(setup.sync.max_clock_drift_ms))
+            .build();
+        // A fresh actor per start: changes from before a crash never collide with new ones.
+        let mut node = Node::new(
+            identity.node_id,
+            setup.role,
+            ActorId::random(),
+            hlc,
+            setup.sync.clone(),
+        );
+        let mut unloadable_documents = 0;
+        for doc in &stored {
+            if let Err(error) = node.load(doc) {
+                unloadable_documents += 1;
+                tracing::error!(doc_id = %doc.doc_id, %error, "document cannot be loaded; left on disk");
+            }
+        }
+        drop(stored);
+        let metrics = Arc::new(Metrics::new());
+        let (queue_tx, queue_rx) = tokio::sync::mpsc::channel(super::store::STORE_QUEUE_CAPACITY);
+        let (handle, replies, node_task) = spawn_node(node, queue_tx);
+        let commit_metrics = metrics.clone();
+        let store_thread = spawn_store_thread(
+            store,
+            queue_rx,
+            move |task, reply| replies.deliver(task, reply),
+            move |report| commit_metrics.observe_commit(report),
+        );
+        let ops = OpsState {
+            node: handle.clone(),
+            metrics,
+            ready: Arc::new(AtomicBool::new(false)),
+        };
+        Ok(Self {
+            handle,
+            identity,
+            ops,
+            unloadable_documents,
+            node_task,
+            store_thread,
+        })
+    }
+
+    /// Stops the node loop, lets the store commit what it was given, and waits for both.
+    pub async fn stop(self) -> Result<(), StoreError> {
+        self.ops
+            .ready
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.handle.shutdown().await;
+        let _ = self.node_task.await;
+        drop(self.handle);
+        drop(self.ops);
+        tokio::task::spawn_blocking(move || self.store_thread.join())
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("store thread: {e}")))?
+            .unwrap_or_else(|_| Err(StoreError::Corrupt("store thread panicked".into())))
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
