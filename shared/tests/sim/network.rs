@@ -28,7 +28,12 @@ pub struct Faults {
 
 impl Faults {
     /// A carrier that delivers every frame once, in order.
-    pub const NONE: Faults = Faults { drop: 0.0, duplicate: 0.0, reorder: 0.0, max_reorder: Duration::ZERO };
+    pub const NONE: Faults = Faults {
+        drop: 0.0,
+        duplicate: 0.0,
+        reorder: 0.0,
+        max_reorder: Duration::ZERO,
+    };
 }
 
 /// Chance that the carrier holds back the tail of what arrived, to deliver it joined with the next
@@ -72,14 +77,21 @@ impl Network {
             .iter()
             .map(|&[a, b]| Link {
                 ends: [a, b],
-                latency: [Duration::from_millis(latency_ms[b][a]), Duration::from_millis(latency_ms[a][b])],
+                latency: [
+                    Duration::from_millis(latency_ms[b][a]),
+                    Duration::from_millis(latency_ms[a][b]),
+                ],
                 conns: None,
                 generation: 0,
                 partitioned_until: Duration::ZERO,
                 held: [Vec::new(), Vec::new()],
             })
             .collect();
-        Self { links, next_conn: 1, faults: Faults::NONE }
+        Self {
+            links,
+            next_conn: 1,
+            faults: Faults::NONE,
+        }
     }
 
     /// Number of links.
@@ -94,14 +106,18 @@ impl Network {
 
     /// Links with `node` at one end.
     pub fn links_of(&self, node: usize) -> Vec<usize> {
-        (0..self.links.len()).filter(|&l| self.links[l].ends.contains(&node)).collect()
+        (0..self.links.len())
+            .filter(|&l| self.links[l].ends.contains(&node))
+            .collect()
     }
 
     /// The link and end a node's connection id belongs to, while that connection is current.
     pub fn find(&self, node: usize, conn: ConnId) -> Option<(usize, End)> {
         self.links.iter().enumerate().find_map(|(index, link)| {
             let conns = link.conns?;
-            (0..2).find(|&end| link.ends[end] == node && conns[end] == conn).map(|end| (index, end))
+            (0..2)
+                .find(|&end| link.ends[end] == node && conns[end] == conn)
+                .map(|end| (index, end))
         })
     }
 
@@ -157,7 +173,14 @@ impl Network {
     }
 
     /// Puts one frame from end `from` on the wire, subject to faults.
-    pub fn send(&mut self, now: Duration, (link, from): (usize, End), bytes: Vec<u8>, rng: &mut StdRng, agenda: &mut Agenda) {
+    pub fn send(
+        &mut self,
+        now: Duration,
+        (link, from): (usize, End),
+        bytes: Vec<u8>,
+        rng: &mut StdRng,
+        agenda: &mut Agenda,
+    ) {
         let to = 1 - from;
         let faults = self.faults;
         let state = &self.links[link];
@@ -171,7 +194,15 @@ impl Network {
                 delay += rng.gen_range(Duration::ZERO..=faults.max_reorder);
             }
             let generation = state.generation;
-            agenda.schedule(now + delay, Event::Arrive { link, generation, to, bytes: bytes.clone() });
+            agenda.schedule(
+                now + delay,
+                Event::Arrive {
+                    link,
+                    generation,
+                    to,
+                    bytes: bytes.clone(),
+                },
+            );
         }
     }
 
@@ -197,10 +228,20 @@ impl Network {
             let cut = rng.gen_range(1..stream.len());
             state.held[to] = stream.split_off(cut);
             let release = now + Duration::from_millis(rng.gen_range(1..=20));
-            agenda.schedule(release, Event::Flush { link, generation, to });
+            agenda.schedule(
+                release,
+                Event::Flush {
+                    link,
+                    generation,
+                    to,
+                },
+            );
         }
         let node = state.ends[to];
-        cut_into_pieces(stream, rng).into_iter().map(|piece| (node, conns[to], piece)).collect()
+        cut_into_pieces(stream, rng)
+            .into_iter()
+            .map(|piece| (node, conns[to], piece))
+            .collect()
     }
 
     /// Releases bytes the carrier held back toward `to`.
@@ -208,7 +249,11 @@ impl Network {
         let state = &mut self.links[link];
         match state.conns {
             Some(conns) if state.generation == generation && !state.held[to].is_empty() => {
-                vec![(state.ends[to], conns[to], std::mem::take(&mut state.held[to]))]
+                vec![(
+                    state.ends[to],
+                    conns[to],
+                    std::mem::take(&mut state.held[to]),
+                )]
             }
             _ => Vec::new(),
         }

@@ -63,16 +63,25 @@ impl SimStore {
 
     fn execute(&mut self, action: StoreTask) -> StoreReply {
         match action {
-            StoreTask::Append { doc_id, collection, changes, .. } => {
+            StoreTask::Append {
+                doc_id,
+                collection,
+                changes,
+                ..
+            } => {
                 let stored = self.documents.entry(doc_id).or_insert_with(|| StoredDoc {
                     doc_id,
                     collection: collection.clone(),
                     snapshot: None,
                     changes: Vec::new(),
                 });
-                assert_eq!(stored.collection, collection, "document {doc_id} changed collection in the store");
+                assert_eq!(
+                    stored.collection, collection,
+                    "document {doc_id} changed collection in the store"
+                );
                 for change in changes {
-                    let parsed = Change::from_bytes(change.clone()).expect("the core stores only valid changes");
+                    let parsed = Change::from_bytes(change.clone())
+                        .expect("the core stores only valid changes");
                     self.durable_changes.insert(parsed.hash());
                     // Changes are idempotent by hash, as in the real store.
                     if !stored.changes.contains(&change) {
@@ -82,10 +91,9 @@ impl SimStore {
                 StoreReply::Committed
             }
             StoreTask::Compact { doc_id, snapshot } => {
-                let stored = self
-                    .documents
-                    .get_mut(&doc_id)
-                    .unwrap_or_else(|| panic!("compaction of {doc_id}, which no earlier task stored"));
+                let stored = self.documents.get_mut(&doc_id).unwrap_or_else(|| {
+                    panic!("compaction of {doc_id}, which no earlier task stored")
+                });
                 stored.snapshot = Some(snapshot);
                 stored.changes.clear();
                 StoreReply::Committed
