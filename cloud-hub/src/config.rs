@@ -110,3 +110,33 @@ impl HubConfig {
             .unwrap_or_else(|| default_home().join("hub"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_config_parses_and_matches_the_defaults() {
+        let text = include_str!("../../deploy/hub.example.toml");
+        let parsed: HubConfig = toml::from_str(text).unwrap();
+        let defaults = HubConfig::default();
+        assert_eq!(parsed.listen, defaults.listen);
+        assert_eq!(parsed.http_listen, defaults.http_listen);
+        assert_eq!(parsed.certificate_names, defaults.certificate_names);
+        assert_eq!(parsed.max_connections, defaults.max_connections);
+        assert_eq!(parsed.sync, defaults.sync);
+        assert_eq!(parsed.link, defaults.link);
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        let dir = std::env::temp_dir().join(format!("cairn-hub-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("hub.toml");
+        std::fs::write(&file, "[sync]\nmax_frame_bytes = 10\n").unwrap();
+        let cli = Cli::parse_from(["cloud-hub", "--config", file.to_str().unwrap()]);
+        let error = HubConfig::load(&cli).unwrap_err();
+        assert!(format!("{error:#}").contains("max_frame_bytes"), "{error:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

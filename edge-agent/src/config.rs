@@ -103,3 +103,38 @@ impl AgentConfig {
             .unwrap_or_else(|| default_home().join("agent"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_config_parses_and_matches_the_defaults() {
+        let text = include_str!("../../deploy/agent.example.toml");
+        let parsed: AgentConfig = toml::from_str(text).unwrap();
+        let defaults = AgentConfig::default();
+        assert_eq!(parsed.hub, defaults.hub);
+        assert_eq!(parsed.api_listen, defaults.api_listen);
+        assert_eq!(parsed.sync, defaults.sync);
+        assert_eq!(parsed.link, defaults.link);
+        assert_eq!(parsed.identity, defaults.identity);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = std::env::temp_dir().join(format!("cairn-agent-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("agent.toml");
+        std::fs::write(&file, "hub = \"10.0.0.1:7700\"\napi_listen = \"127.0.0.1:9000\"\n").unwrap();
+        let cli = Cli::parse_from(["edge-agent", "--config", file.to_str().unwrap(), "--api-listen", "127.0.0.1:9001"]);
+        let config = AgentConfig::load(&cli).unwrap();
+        assert_eq!(config.hub, "10.0.0.1:7700".parse().unwrap());
+        assert_eq!(config.api_listen, "127.0.0.1:9001".parse().unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(toml::from_str::<AgentConfig>("hubb = \"127.0.0.1:1\"").is_err());
+    }
+}
