@@ -267,3 +267,140 @@ pub fn spawn_store_thread(
             std::thread::spawn(move || Err(StoreError::Corrupt(message)))
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_db(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("cairn-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("cairn.db")
+    }
+
+    fn doc_id(byte: u8) -> DocId {
+        DocId::from_slice(&[byte; 16]).unwrap()
+    }
+
+    fn append(byte: u8, changes: &[&[u8]]) -> StoreTask {
+        StoreTask::Append {
+            doc_id: doc_id(byte),
+            collection: "plant-7/sensors".parse().unwrap(),
+            changes: changes.iter().map(|c| c.to_vec()).collect(),
+            heads: vec![[byte; 32]],
+            hlc: u64::MAX,
+        }
+    }
+
+    #[test]
+    fn appended_changes_survive_reopening_in_order() {
+        let path = temp_db("reopen");
+        let mut store = Store::open(&path).unwrap();
+        let replies = store
+            .execute(&[
+                (1, append(1, &[b"a", b"b"])),
+                (2, append(1, &[b"c"])),
+                (3, append(2, &[b"x"])),
+            ])
+            .unwrap();
+        assert_eq!(
+            replies,
+            vec![
+                (1, StoreReply::Committed),
+                (2, StoreReply::Committed),
+                (3, StoreReply::Committed)
+            ]
+        );
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let docs = store.load_all().unwrap();
+        assert_eq!(docs.len(), 2);
+        assert_eq!(
+            docs[0].changes,
+            vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]
+        );
+        assert_eq!(docs[0].collection.as_str(), "plant-7/sensors");
+        assert_eq!(docs[1].changes, vec![b"x".to_vec()]);
+    }
+
+    #[test]
+    fn compaction_replaces_earlier_changes_but_keeps_later_ones() {
+        let path = temp_db("compact");
+        let mut store = Store::open(&path).unwrap();
+        let tasks = [
+            (1, append(1, &[b"a", b"b"])),
+            (
+                2,
+                StoreTask::Compact {
+                    doc_id: doc_id(1),
+                    snapshot: b"snap".to_vec(),
+                },
+            ),
+            (3, append(1, &[b"c"])),
+            (4, StoreTask::Load { doc_id: doc_id(1) }),
+        ];
+        let replies = store.execute(&tasks).unwrap();
+        let StoreReply::Loaded(Some(loaded)) = &replies[3].1 else {
+            panic!("load answered {:?}", replies[3])
+        };
+        assert_eq!(loaded.snapshot.as_deref(), Some(&b"snap"[..]));
+        assert_eq!(loaded.changes, vec![b"c".to_vec()]);
+        assert_eq!(store.load(doc_id(1)).unwrap().as_ref(), Some(loaded));
+    }
+
+    #[test]
+    fn store_settings_are_durable_ones() {
+        let store = Store::open(&temp_db("pragmas")).unwrap();
+        let mode: String = store
+            .conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        let sync: i64 = store
+            .conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        assert_eq!(sync, 2, "synchronous must be FULL");
+    }
+
+    #[test]
+    fn a_store_from_a_newer_build_is_refused() {
+        let path = temp_db("newer");
+        drop(Store::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        assert!(matches!(
+            Store::open(&path),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
+    }
+
+    #[test]
+    fn the_store_thread_commits_queued_tasks_together_and_answers_in_order() {
+        let store = Store::open(&temp_db("thread")).unwrap();
+        let (queue, tasks) = mpsc::channel(STORE_QUEUE_CAPACITY);
+        for task in 0..100u64 {
+            queue
+                .blocking_send((task, append((task % 7) as u8, &[b"z"])))
+                .unwrap();
+        }
+        drop(queue);
+        let (replies_tx, replies_rx) = std::sync::mpsc::channel();
+        let (commits_tx, commits_rx) = std::sync::mpsc::channel();
+        let thread = spawn_store_thread(
+            store,
+            tasks,
+            move |task, reply| replies_tx.send((task, reply)).is_ok(),
+            move |report| {
+                let _ = commits_tx.send(report.tasks);
+            },
+        );
+        thread.join().unwrap().unwrap();
+        let answered: Vec<u64> = replies_rx.iter().map(|(task, _)| task).collect();
+        assert_eq!(answered, (0..100).collect::<Vec<_>>());
+        let commits: Vec<usize> = commits_rx.iter().collect();
+        assert_eq!(commits, vec![100], "all queued tasks share one commit");
+    }
+}
