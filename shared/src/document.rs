@@ -52,6 +52,9 @@ pub struct Document {
     pub changes_since_snapshot: usize,
     /// True while no change has been stored: a placeholder created to receive a peer's copy.
     pub is_placeholder: bool,
+    /// Appends of this document queued but not yet committed. While any is, the node tells
+    /// no peer about the document, so it never advertises heads it could still lose.
+    pub persisting: usize,
 }
 
 impl Document {
@@ -62,6 +65,7 @@ impl Document {
             collection,
             changes_since_snapshot: 0,
             is_placeholder: true,
+            persisting: 0,
         }
     }
 
@@ -85,6 +89,7 @@ impl Document {
             collection: stored.collection.clone(),
             changes_since_snapshot: stored.changes.len(),
             is_placeholder: false,
+            persisting: 0,
         })
     }
 

@@ -198,8 +198,12 @@ pub struct NodeStats {
 /// What to do when a store task completes.
 #[derive(Debug)]
 enum Pending {
-    /// Answer a write and announce the document.
-    Write { request: RequestId, doc_id: DocId },
+    /// Answer a write with the heads it produced, and announce the document.
+    Write {
+        request: RequestId,
+        doc_id: DocId,
+        heads: Vec<String>,
+    },
     /// Announce a document that received remote changes.
     Announce { doc_id: DocId },
     /// Nothing to do (compaction).
@@ -486,7 +490,7 @@ impl Node {
         if document.doc.get_heads() == before {
             self.sync_with(conn, doc_id);
         } else {
-            self.persist(doc_id, &before, Pending::Announce { doc_id });
+            self.persist(doc_id, &before, None);
         }
     }
 
@@ -532,14 +536,7 @@ impl Node {
                 .empty_commit(automerge::transaction::CommitOptions::default());
         }
         self.documents.insert(doc_id, document);
-        self.persist(
-            doc_id,
-            &[],
-            Pending::Write {
-                request: id,
-                doc_id,
-            },
-        );
+        self.persist(doc_id, &[], Some(id));
         None
     }
 
@@ -568,14 +565,7 @@ impl Node {
                 heads: heads_hex(&before),
             })),
             Ok(true) => {
-                self.persist(
-                    doc_id,
-                    &before,
-                    Pending::Write {
-                        request: id,
-                        doc_id,
-                    },
-                );
+                self.persist(doc_id, &before, Some(id));
                 None
             }
         }
@@ -596,7 +586,8 @@ impl Node {
     }
 
     /// Stores the changes made since `before`, and compacts when enough have piled up.
-    fn persist(&mut self, doc_id: DocId, before: &[ChangeHash], then: Pending) {
+    /// `reply_to` is the local write waiting for this commit, if any.
+    fn persist(&mut self, doc_id: DocId, before: &[ChangeHash], reply_to: Option<RequestId>) {
         let hlc = self.hlc.new_timestamp().get_time().as_u64();
         let compact_after = self.config.compact_after_changes;
         let Some(document) = self.documents.get_mut(&doc_id) else {
@@ -605,6 +596,7 @@ impl Node {
         let changes = document.changes_since(before);
         let heads = document.doc.get_heads();
         document.is_placeholder = false;
+        document.persisting += 1;
         document.changes_since_snapshot += changes.len();
         self.stats.changes_committed += changes.len() as u64;
         let append = StoreTask::Append {
@@ -621,6 +613,14 @@ impl Node {
                 snapshot: document.doc.save(),
             }
         });
+        let then = match reply_to {
+            Some(request) => Pending::Write {
+                request,
+                doc_id,
+                heads: heads_hex(&heads),
+            },
+            None => Pending::Announce { doc_id },
+        };
         self.store(append, then);
         if let Some(compact) = compact {
             self.store(compact, Pending::Nothing);
@@ -636,19 +636,22 @@ impl Node {
 
     fn on_store_done(&mut self, task: TaskId, reply: StoreReply) {
         match (self.pending.remove(&task), reply) {
-            (Some(Pending::Write { request, doc_id }), _) => {
-                let heads = self
-                    .documents
-                    .get(&doc_id)
-                    .map(|d| heads_hex(&d.doc.get_heads()))
-                    .unwrap_or_default();
+            (
+                Some(Pending::Write {
+                    request,
+                    doc_id,
+                    heads,
+                }),
+                _,
+            ) => {
+                let result = Ok(Response::Written { doc_id, heads });
                 self.outputs.push_back(Output::Respond {
                     id: request,
-                    result: Ok(Response::Written { doc_id, heads }),
+                    result,
                 });
-                self.announce(doc_id);
+                self.committed(doc_id);
             }
-            (Some(Pending::Announce { doc_id }), _) => self.announce(doc_id),
+            (Some(Pending::Announce { doc_id }), _) => self.committed(doc_id),
             (Some(Pending::Reload { doc_id }), StoreReply::Loaded(stored)) => {
                 self.reloading.remove(&doc_id);
                 if let Some(stored) = stored {
@@ -658,6 +661,17 @@ impl Node {
                 }
             }
             (Some(Pending::Nothing | Pending::Reload { .. }) | None, _) => {}
+        }
+    }
+
+    /// One append of `doc_id` committed; once none is outstanding, peers hear of it.
+    fn committed(&mut self, doc_id: DocId) {
+        let Some(document) = self.documents.get_mut(&doc_id) else {
+            return;
+        };
+        document.persisting = document.persisting.saturating_sub(1);
+        if document.persisting == 0 {
+            self.announce(doc_id);
         }
     }
 
@@ -686,8 +700,11 @@ impl Node {
     }
 
     /// Sends the next Automerge sync message for one document to one peer, if there is one.
+    ///
+    /// Nothing is sent while the document has uncommitted appends: the announce that follows
+    /// the last commit sends it then.
     fn sync_with(&mut self, conn: ConnId, doc_id: DocId) {
-        let Some(document) = self.documents.get(&doc_id) else {
+        let Some(document) = self.documents.get(&doc_id).filter(|d| d.persisting == 0) else {
             return;
         };
         let Some(peer) = self.peers.get_mut(&conn) else {

@@ -333,3 +333,78 @@ fn anti_entropy_re_sends_the_inventory_when_due() {
     assert!(matches!(messages.as_slice(), [Message::Inventory { .. }]));
     assert!(node.poll_timeout().unwrap() > due);
 }
+
+#[test]
+fn a_node_says_nothing_about_a_document_until_received_changes_are_committed() {
+    use automerge::sync::SyncDoc;
+    let mut node = node();
+    let now = Instant::now();
+    connect(&mut node, now);
+    let mut remote = automerge::Automerge::new();
+    let ops: Vec<Op> =
+        serde_json::from_value(json!([{"op": "set", "path": ["x"], "value": 1}])).unwrap();
+    cairn_shared::ops::apply_ops(&mut remote, &ops, 0).unwrap();
+    let doc_id = DocId::from_slice(&[4; 16]).unwrap();
+    let doc_sync = |sync_message: Vec<u8>| Message::DocSync {
+        doc_id,
+        collection: "c".parse().unwrap(),
+        sync_message,
+    };
+    // Round one: the remote announces its heads; the node (which lacks the document) answers.
+    let mut state = automerge::sync::State::new();
+    let first = remote.generate_sync_message(&mut state).unwrap().encode();
+    node.handle_input(
+        now,
+        Input::Received {
+            conn: CONN,
+            bytes: frame(doc_sync(first), fixed_clock()),
+        },
+    );
+    for reply in sent_messages(&drain(&mut node)) {
+        if let Message::DocSync { sync_message, .. } = reply {
+            let decoded = automerge::sync::Message::decode(&sync_message).unwrap();
+            remote.receive_sync_message(&mut state, decoded).unwrap();
+        }
+    }
+    // Round two carries the change itself.
+    let with_change = frame(
+        doc_sync(remote.generate_sync_message(&mut state).unwrap().encode()),
+        fixed_clock(),
+    );
+    node.handle_input(
+        now,
+        Input::Received {
+            conn: CONN,
+            bytes: with_change.clone(),
+        },
+    );
+    let outputs = drain(&mut node);
+    let Some(Output::Store { task, .. }) = outputs.first() else {
+        panic!("{outputs:?}")
+    };
+    assert!(
+        sent_messages(&outputs).is_empty(),
+        "no reply before the commit"
+    );
+    // A duplicate while the commit is pending must not reveal the uncommitted heads either.
+    node.handle_input(
+        now,
+        Input::Received {
+            conn: CONN,
+            bytes: with_change,
+        },
+    );
+    assert!(sent_messages(&drain(&mut node)).is_empty());
+    node.handle_input(
+        now,
+        Input::StoreDone {
+            task: *task,
+            reply: StoreReply::Committed,
+        },
+    );
+    let replies = sent_messages(&drain(&mut node));
+    assert!(
+        matches!(replies.as_slice(), [Message::DocSync { .. }]),
+        "{replies:?}"
+    );
+}
