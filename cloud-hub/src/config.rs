@@ -12,11 +12,7 @@ use serde::Deserialize;
 
 /// Command line; every flag also reads an environment variable.
 #[derive(Debug, Parser)]
-#[command(
-    name = "cloud-hub",
-    version,
-    about = "Cairn regional hub: QUIC endpoint for edge agents"
-)]
+#[command(name = "cloud-hub", version, about = "Cairn regional hub: QUIC endpoint for edge agents")]
 pub struct Cli {
     /// TOML configuration file.
     #[arg(long, env = "CAIRN_CONFIG")]
@@ -96,18 +92,13 @@ impl HubConfig {
             config.identity.ca_dir = Some(dir.clone());
         }
         config.sync.validate()?;
-        anyhow::ensure!(
-            config.max_connections > 0,
-            "max_connections must be at least 1"
-        );
+        anyhow::ensure!(config.max_connections > 0, "max_connections must be at least 1");
         Ok(config)
     }
 
     /// The data directory, with its default filled in.
     pub fn data_dir(&self) -> PathBuf {
-        self.data_dir
-            .clone()
-            .unwrap_or_else(|| default_home().join("hub"))
+        self.data_dir.clone().unwrap_or_else(|| default_home().join("hub"))
     }
 }
 

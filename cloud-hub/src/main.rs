@@ -47,8 +47,8 @@ async fn main() -> anyhow::Result<()> {
         config.max_connections,
         wait_for(stop_rx.clone()),
     ));
-    let app =
-        ops_http::ops_router(node.ops.clone()).merge(doc_api::read_router(node.handle.clone()));
+    let app = ops_http::ops_router(node.ops.clone())
+        .merge(doc_api::read_router(doc_api::ApiState::of(&node)));
     node.ops.ready.store(true, Ordering::Relaxed);
     // Tests and scripts read this line; logs go to stderr.
     println!(

@@ -98,9 +98,7 @@ impl AgentConfig {
 
     /// The data directory, with its default filled in.
     pub fn data_dir(&self) -> PathBuf {
-        self.data_dir
-            .clone()
-            .unwrap_or_else(|| default_home().join("agent"))
+        self.data_dir.clone().unwrap_or_else(|| default_home().join("agent"))
     }
 }
 
@@ -125,8 +123,15 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cairn-agent-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("agent.toml");
-        std::fs::write(&file, "hub = \"10.0.0.1:7700\"\napi_listen = \"127.0.0.1:9000\"\n").unwrap();
-        let cli = Cli::parse_from(["edge-agent", "--config", file.to_str().unwrap(), "--api-listen", "127.0.0.1:9001"]);
+        std::fs::write(&file, "hub = \"10.0.0.1:7700\"\napi_listen = \"127.0.0.1:9000\"\n")
+            .unwrap();
+        let cli = Cli::parse_from([
+            "edge-agent",
+            "--config",
+            file.to_str().unwrap(),
+            "--api-listen",
+            "127.0.0.1:9001",
+        ]);
         let config = AgentConfig::load(&cli).unwrap();
         assert_eq!(config.hub, "10.0.0.1:7700".parse().unwrap());
         assert_eq!(config.api_listen, "127.0.0.1:9001".parse().unwrap());

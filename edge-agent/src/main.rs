@@ -45,7 +45,8 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the local API on {}", config.api_listen))?;
     let api_addr = listener.local_addr()?;
-    let app = doc_api::router(node.handle.clone()).merge(ops_http::ops_router(node.ops.clone()));
+    let app =
+        doc_api::router(doc_api::ApiState::of(&node)).merge(ops_http::ops_router(node.ops.clone()));
     node.ops.ready.store(true, Ordering::Relaxed);
     // Tests and scripts read this line; logs go to stderr.
     println!(

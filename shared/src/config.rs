@@ -44,11 +44,7 @@ impl SyncConfig {
 
     /// Preset for hubs: larger frames for bulk catch-up.
     pub fn hub() -> Self {
-        Self {
-            max_frame_bytes: 32 * 1024 * 1024,
-            anti_entropy_interval_ms: 30_000,
-            ..Self::edge()
-        }
+        Self { max_frame_bytes: 32 * 1024 * 1024, anti_entropy_interval_ms: 30_000, ..Self::edge() }
     }
 
     /// Checks every value against its range.
@@ -61,14 +57,10 @@ impl SyncConfig {
             )));
         }
         if self.anti_entropy_interval_ms < 10 {
-            return Err(ConfigError(
-                "anti_entropy_interval_ms must be at least 10".into(),
-            ));
+            return Err(ConfigError("anti_entropy_interval_ms must be at least 10".into()));
         }
         if self.compact_after_changes == 0 {
-            return Err(ConfigError(
-                "compact_after_changes must be at least 1".into(),
-            ));
+            return Err(ConfigError("compact_after_changes must be at least 1".into()));
         }
         Ok(())
     }

@@ -95,11 +95,7 @@ impl Document {
 
     /// The encoded changes added since `before`, for storage.
     pub fn changes_since(&self, before: &[ChangeHash]) -> Vec<Vec<u8>> {
-        self.doc
-            .get_changes(before)
-            .into_iter()
-            .map(|c| c.raw_bytes().to_vec())
-            .collect()
+        self.doc.get_changes(before).into_iter().map(|c| c.raw_bytes().to_vec()).collect()
     }
 
     /// The materialized JSON of the document.

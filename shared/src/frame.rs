@@ -52,10 +52,7 @@ pub struct FrameDecoder {
 impl FrameDecoder {
     /// A decoder that refuses frames longer than `max_frame_bytes`.
     pub fn new(max_frame_bytes: usize) -> Self {
-        Self {
-            buffer: Vec::new(),
-            max_frame_bytes,
-        }
+        Self { buffer: Vec::new(), max_frame_bytes }
     }
 
     /// Appends bytes received from the transport.
@@ -112,10 +109,7 @@ mod tests {
         decoder.push(&(1_000_000u32).to_be_bytes());
         assert_eq!(
             decoder.next_frame(),
-            Err(FrameError::TooLarge {
-                announced_bytes: 1_000_000,
-                max_bytes: 1024
-            })
+            Err(FrameError::TooLarge { announced_bytes: 1_000_000, max_bytes: 1024 })
         );
     }
 

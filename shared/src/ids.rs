@@ -46,9 +46,7 @@ impl DocId {
 
     /// Builds an id from raw bytes (for example a stored key).
     pub fn from_slice(bytes: &[u8]) -> Result<Self, IdParseError> {
-        let array: [u8; 16] = bytes
-            .try_into()
-            .map_err(|_| IdParseError::Length(bytes.len()))?;
+        let array: [u8; 16] = bytes.try_into().map_err(|_| IdParseError::Length(bytes.len()))?;
         Ok(Self(array))
     }
 
@@ -174,9 +172,7 @@ impl FromStr for Collection {
             !seg.is_empty()
                 && seg != "."
                 && seg != ".."
-                && seg
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
         };
         if s.is_empty() || s.len() > MAX_COLLECTION_NAME_BYTES || !s.split('/').all(segment_ok) {
             return Err(IdParseError::Collection(
@@ -214,10 +210,7 @@ mod tests {
         let mut text = DocId::random(&mut rng).to_string();
         let last = text.pop().map(|c| if c == '2' { '3' } else { '2' });
         text.extend(last);
-        assert!(matches!(
-            text.parse::<DocId>(),
-            Err(IdParseError::Encoding(_))
-        ));
+        assert!(matches!(text.parse::<DocId>(), Err(IdParseError::Encoding(_))));
         let short = bs58::encode([1u8; 8]).with_check().into_string();
         assert_eq!(short.parse::<DocId>(), Err(IdParseError::Length(8)));
     }
@@ -233,10 +226,7 @@ mod tests {
     fn collection_names_are_validated() {
         assert!("plant-7/sensors".parse::<Collection>().is_ok());
         for bad in ["", "/a", "a/", "a//b", "../etc", "a b", &"x".repeat(129)] {
-            assert!(
-                bad.parse::<Collection>().is_err(),
-                "{bad:?} should be rejected"
-            );
+            assert!(bad.parse::<Collection>().is_err(), "{bad:?} should be rejected");
         }
     }
 }

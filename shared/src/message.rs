@@ -112,19 +112,15 @@ impl Envelope {
 
     /// Parses a frame payload from a peer.
     pub fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
-        let (&version, body) = payload
-            .split_first()
-            .ok_or_else(|| DecodeError::Malformed("empty payload".into()))?;
+        let (&version, body) =
+            payload.split_first().ok_or_else(|| DecodeError::Malformed("empty payload".into()))?;
         if version != PROTOCOL_VERSION {
             return Err(DecodeError::UnsupportedVersion { got: version });
         }
         let (envelope, rest): (Envelope, &[u8]) =
             postcard::take_from_bytes(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
         if !rest.is_empty() {
-            return Err(DecodeError::Malformed(format!(
-                "{} trailing bytes",
-                rest.len()
-            )));
+            return Err(DecodeError::Malformed(format!("{} trailing bytes", rest.len())));
         }
         if let Message::Inventory { entries } = &envelope.message {
             if entries.len() > MAX_INVENTORY_ENTRIES_PER_MESSAGE {
@@ -150,34 +146,22 @@ mod tests {
     fn messages_round_trip() {
         let envelope = Envelope {
             sent_at: stamp(),
-            message: Message::Hello {
-                node_id: NodeId::from_bytes([3; 16]),
-                role: Role::Agent,
-            },
+            message: Message::Hello { node_id: NodeId::from_bytes([3; 16]), role: Role::Agent },
         };
         assert_eq!(Envelope::decode(&envelope.encode()), Ok(envelope));
     }
 
     #[test]
     fn unknown_version_and_garbage_are_refused() {
-        let mut payload = Envelope {
-            sent_at: stamp(),
-            message: Message::Inventory { entries: vec![] },
-        }
-        .encode();
+        let mut payload =
+            Envelope { sent_at: stamp(), message: Message::Inventory { entries: vec![] } }.encode();
         payload[0] = 9;
-        assert_eq!(
-            Envelope::decode(&payload),
-            Err(DecodeError::UnsupportedVersion { got: 9 })
-        );
+        assert_eq!(Envelope::decode(&payload), Err(DecodeError::UnsupportedVersion { got: 9 }));
         assert!(matches!(
             Envelope::decode(&[PROTOCOL_VERSION, 0xff, 0xff, 0xff]),
             Err(DecodeError::Malformed(_))
         ));
-        assert!(matches!(
-            Envelope::decode(&[]),
-            Err(DecodeError::Malformed(_))
-        ));
+        assert!(matches!(Envelope::decode(&[]), Err(DecodeError::Malformed(_))));
     }
 
     #[test]
@@ -196,9 +180,6 @@ mod tests {
         let mut bad = payload.clone();
         bad[at] = b'/';
         bad[at + 1] = b'.';
-        assert!(matches!(
-            Envelope::decode(&bad),
-            Err(DecodeError::Malformed(_))
-        ));
+        assert!(matches!(Envelope::decode(&bad), Err(DecodeError::Malformed(_))));
     }
 }

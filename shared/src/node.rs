@@ -199,11 +199,7 @@ pub struct NodeStats {
 #[derive(Debug)]
 enum Pending {
     /// Answer a write with the heads it produced, and announce the document.
-    Write {
-        request: RequestId,
-        doc_id: DocId,
-        heads: Vec<String>,
-    },
+    Write { request: RequestId, doc_id: DocId, heads: Vec<String> },
     /// Announce a document that received remote changes.
     Announce { doc_id: DocId },
     /// Nothing to do (compaction).
@@ -302,8 +298,7 @@ impl Node {
 
     /// Feeds one input.
     pub fn handle_input(&mut self, now: Instant, input: Input) {
-        self.next_anti_entropy
-            .get_or_insert(now + self.config.anti_entropy_interval());
+        self.next_anti_entropy.get_or_insert(now + self.config.anti_entropy_interval());
         match input {
             Input::Connected { conn, peer } => self.on_connected(conn, peer),
             Input::Received { conn, bytes } => self.on_received(conn, &bytes),
@@ -327,12 +322,8 @@ impl Node {
             _ => return,
         }
         self.next_anti_entropy = Some(now + self.config.anti_entropy_interval());
-        let conns: Vec<ConnId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.is_ready())
-            .map(|(c, _)| *c)
-            .collect();
+        let conns: Vec<ConnId> =
+            self.peers.iter().filter(|(_, p)| p.is_ready()).map(|(c, _)| *c).collect();
         for conn in conns {
             self.send_inventory(conn);
         }
@@ -344,15 +335,8 @@ impl Node {
     }
 
     fn on_connected(&mut self, conn: ConnId, peer: NodeId) {
-        self.peers
-            .insert(conn, Peer::new(peer, self.config.max_frame_bytes));
-        self.send(
-            conn,
-            Message::Hello {
-                node_id: self.node_id,
-                role: self.role,
-            },
-        );
+        self.peers.insert(conn, Peer::new(peer, self.config.max_frame_bytes));
+        self.send(conn, Message::Hello { node_id: self.node_id, role: self.role });
     }
 
     fn on_received(&mut self, conn: ConnId, bytes: &[u8]) {
@@ -399,23 +383,16 @@ impl Node {
                 self.send_inventory(conn);
             }
             (_, Message::Refuse { reason, .. }) => {
-                self.outputs.push_back(Output::Close {
-                    conn,
-                    reason: format!("peer refused: {reason}"),
-                });
+                self.outputs
+                    .push_back(Output::Close { conn, reason: format!("peer refused: {reason}") });
                 self.peers.remove(&conn);
             }
             (PeerPhase::Ready(_), Message::Inventory { entries }) => {
                 self.on_inventory(conn, entries)
             }
-            (
-                PeerPhase::Ready(_),
-                Message::DocSync {
-                    doc_id,
-                    collection,
-                    sync_message,
-                },
-            ) => self.on_doc_sync(conn, doc_id, collection, &sync_message),
+            (PeerPhase::Ready(_), Message::DocSync { doc_id, collection, sync_message }) => {
+                self.on_doc_sync(conn, doc_id, collection, &sync_message)
+            }
             (PeerPhase::Ready(_), Message::Hello { .. }) => {
                 self.refuse(conn, "second hello".into())
             }
@@ -472,6 +449,7 @@ impl Node {
         let Some(peer) = self.peers.get_mut(&conn) else {
             return;
         };
+        let origin = peer.node_id;
         let state = peer.sync_states.entry(doc_id).or_default();
         let before = document.doc.get_heads();
         match guarded(|| document.doc.receive_sync_message(state, message)) {
@@ -480,27 +458,22 @@ impl Node {
                 return self.refuse(conn, format!("sync of {doc_id} refused: {error}"))
             }
             Err(DocumentError::Panicked(error)) => {
-                self.refuse(
-                    conn,
-                    format!("sync of {doc_id} broke the document: {error}"),
-                );
+                self.refuse(conn, format!("sync of {doc_id} broke the document: {error}"));
                 return self.reload(doc_id);
             }
         }
         if document.doc.get_heads() == before {
             self.sync_with(conn, doc_id);
         } else {
-            self.persist(doc_id, &before, None);
+            self.persist(doc_id, &before, origin, None);
         }
     }
 
     fn on_request(&mut self, id: RequestId, request: Request) {
         let result = match request {
-            Request::Create {
-                doc_id,
-                collection,
-                ops,
-            } => self.create(id, doc_id, collection, &ops),
+            Request::Create { doc_id, collection, ops } => {
+                self.create(id, doc_id, collection, &ops)
+            }
             Request::Edit { doc_id, ops } => self.edit(id, doc_id, &ops),
             Request::Read { doc_id } => self.read(doc_id),
         };
@@ -517,10 +490,7 @@ impl Node {
         collection: Collection,
         ops: &[Op],
     ) -> Option<Result<Response, RequestError>> {
-        if self
-            .documents
-            .get(&doc_id)
-            .is_some_and(|d| !d.is_placeholder)
+        if self.documents.get(&doc_id).is_some_and(|d| !d.is_placeholder)
             || self.reloading.contains_key(&doc_id)
         {
             return Some(Err(RequestError::AlreadyExists(doc_id)));
@@ -531,12 +501,10 @@ impl Node {
         }
         if document.doc.get_heads().is_empty() {
             // An empty create still needs a change, or there is nothing to store or sync.
-            document
-                .doc
-                .empty_commit(automerge::transaction::CommitOptions::default());
+            document.doc.empty_commit(automerge::transaction::CommitOptions::default());
         }
         self.documents.insert(doc_id, document);
-        self.persist(doc_id, &[], Some(id));
+        self.persist(doc_id, &[], self.node_id, Some(id));
         None
     }
 
@@ -550,22 +518,15 @@ impl Node {
             return Some(Err(RequestError::Unavailable(doc_id)));
         }
         let time = self.commit_time_secs();
-        let Some(document) = self
-            .documents
-            .get_mut(&doc_id)
-            .filter(|d| !d.is_placeholder)
-        else {
+        let Some(document) = self.documents.get_mut(&doc_id).filter(|d| !d.is_placeholder) else {
             return Some(Err(RequestError::NotFound(doc_id)));
         };
         let before = document.doc.get_heads();
         match apply_ops(&mut document.doc, ops, time) {
             Err(error) => Some(Err(error.into())),
-            Ok(false) => Some(Ok(Response::Written {
-                doc_id,
-                heads: heads_hex(&before),
-            })),
+            Ok(false) => Some(Ok(Response::Written { doc_id, heads: heads_hex(&before) })),
             Ok(true) => {
-                self.persist(doc_id, &before, Some(id));
+                self.persist(doc_id, &before, self.node_id, Some(id));
                 None
             }
         }
@@ -586,8 +547,15 @@ impl Node {
     }
 
     /// Stores the changes made since `before`, and compacts when enough have piled up.
-    /// `reply_to` is the local write waiting for this commit, if any.
-    fn persist(&mut self, doc_id: DocId, before: &[ChangeHash], reply_to: Option<RequestId>) {
+    /// `origin` is the node the changes came from (this one for local writes); `reply_to` is
+    /// the local write waiting for this commit, if any.
+    fn persist(
+        &mut self,
+        doc_id: DocId,
+        before: &[ChangeHash],
+        origin: NodeId,
+        reply_to: Option<RequestId>,
+    ) {
         let hlc = self.hlc.new_timestamp().get_time().as_u64();
         let compact_after = self.config.compact_after_changes;
         let Some(document) = self.documents.get_mut(&doc_id) else {
@@ -605,20 +573,14 @@ impl Node {
             changes,
             heads: heads.iter().map(|h| h.0).collect(),
             hlc,
+            origin,
         };
         let compact = (document.changes_since_snapshot >= compact_after).then(|| {
             document.changes_since_snapshot = 0;
-            StoreTask::Compact {
-                doc_id,
-                snapshot: document.doc.save(),
-            }
+            StoreTask::Compact { doc_id, snapshot: document.doc.save() }
         });
         let then = match reply_to {
-            Some(request) => Pending::Write {
-                request,
-                doc_id,
-                heads: heads_hex(&heads),
-            },
+            Some(request) => Pending::Write { request, doc_id, heads: heads_hex(&heads) },
             None => Pending::Announce { doc_id },
         };
         self.store(append, then);
@@ -636,19 +598,9 @@ impl Node {
 
     fn on_store_done(&mut self, task: TaskId, reply: StoreReply) {
         match (self.pending.remove(&task), reply) {
-            (
-                Some(Pending::Write {
-                    request,
-                    doc_id,
-                    heads,
-                }),
-                _,
-            ) => {
+            (Some(Pending::Write { request, doc_id, heads }), _) => {
                 let result = Ok(Response::Written { doc_id, heads });
-                self.outputs.push_back(Output::Respond {
-                    id: request,
-                    result,
-                });
+                self.outputs.push_back(Output::Respond { id: request, result });
                 self.committed(doc_id);
             }
             (Some(Pending::Announce { doc_id }), _) => self.committed(doc_id),
@@ -688,12 +640,8 @@ impl Node {
 
     /// Offers a document's news to every ready peer.
     fn announce(&mut self, doc_id: DocId) {
-        let conns: Vec<ConnId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.is_ready())
-            .map(|(c, _)| *c)
-            .collect();
+        let conns: Vec<ConnId> =
+            self.peers.iter().filter(|(_, p)| p.is_ready()).map(|(c, _)| *c).collect();
         for conn in conns {
             self.sync_with(conn, doc_id);
         }
@@ -715,14 +663,7 @@ impl Node {
             return;
         };
         let collection = document.collection.clone();
-        self.send(
-            conn,
-            Message::DocSync {
-                doc_id,
-                collection,
-                sync_message: message.encode(),
-            },
-        );
+        self.send(conn, Message::DocSync { doc_id, collection, sync_message: message.encode() });
     }
 
     fn send_inventory(&mut self, conn: ConnId) {
@@ -737,20 +678,12 @@ impl Node {
             })
             .collect();
         for chunk in entries.chunks(MAX_INVENTORY_ENTRIES_PER_MESSAGE) {
-            self.send(
-                conn,
-                Message::Inventory {
-                    entries: chunk.to_vec(),
-                },
-            );
+            self.send(conn, Message::Inventory { entries: chunk.to_vec() });
         }
     }
 
     fn send(&mut self, conn: ConnId, message: Message) {
-        let envelope = Envelope {
-            sent_at: self.hlc.new_timestamp(),
-            message,
-        };
+        let envelope = Envelope { sent_at: self.hlc.new_timestamp(), message };
         match encode_frame(&envelope.encode(), self.config.max_frame_bytes) {
             Ok(bytes) => {
                 self.stats.frames_sent += 1;
@@ -758,10 +691,9 @@ impl Node {
                 self.outputs.push_back(Output::Transmit { conn, bytes });
             }
             // A document too large for one frame cannot sync over this link; the peer stays up.
-            Err(error) => self.outputs.push_back(Output::Close {
-                conn,
-                reason: format!("cannot send: {error}"),
-            }),
+            Err(error) => self
+                .outputs
+                .push_back(Output::Close { conn, reason: format!("cannot send: {error}") }),
         }
     }
 
@@ -770,10 +702,7 @@ impl Node {
         self.stats.protocol_errors += 1;
         self.send(
             conn,
-            Message::Refuse {
-                reason: reason.clone(),
-                protocol_version: PROTOCOL_VERSION,
-            },
+            Message::Refuse { reason: reason.clone(), protocol_version: PROTOCOL_VERSION },
         );
         self.outputs.push_back(Output::Close { conn, reason });
         self.peers.remove(&conn);

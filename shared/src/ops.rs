@@ -182,10 +182,7 @@ pub fn apply_ops(
 }
 
 fn apply_op(tx: &mut Transaction<'_>, op_index: usize, op: &Op) -> Result<(), OpError> {
-    let rejected = |e: AutomergeError| OpError::Rejected {
-        op: op_index,
-        reason: e.to_string(),
-    };
+    let rejected = |e: AutomergeError| OpError::Rejected { op: op_index, reason: e.to_string() };
     match op {
         Op::Set { path, value, kind } => {
             let (parent, last) = split_path(op_index, path)?;
@@ -212,10 +209,7 @@ fn apply_op(tx: &mut Transaction<'_>, op_index: usize, op: &Op) -> Result<(), Op
             match (obj_type, last) {
                 (ObjType::Map, PathSegment::Key(key)) => {
                     if tx.get(&obj, key.as_str()).map_err(rejected)?.is_none() {
-                        return Err(OpError::NotFound {
-                            op: op_index,
-                            path: path_json(path),
-                        });
+                        return Err(OpError::NotFound { op: op_index, path: path_json(path) });
                     }
                     tx.delete(&obj, key.as_str()).map_err(rejected)
                 }
@@ -231,12 +225,7 @@ fn apply_op(tx: &mut Transaction<'_>, op_index: usize, op: &Op) -> Result<(), Op
                 )),
             }
         }
-        Op::Insert {
-            path,
-            index,
-            value,
-            kind,
-        } => {
+        Op::Insert { path, index, value, kind } => {
             let (obj, obj_type) = resolve(tx, op_index, path)?;
             if obj_type != ObjType::List {
                 return Err(wrong_type(op_index, path, "a list", obj_type));
@@ -244,12 +233,7 @@ fn apply_op(tx: &mut Transaction<'_>, op_index: usize, op: &Op) -> Result<(), Op
             check_index(tx, op_index, path, &obj, *index, true)?;
             put_value(tx, op_index, &obj, Slot::Insert(*index), value, *kind, 0)
         }
-        Op::Splice {
-            path,
-            index,
-            delete,
-            text,
-        } => {
+        Op::Splice { path, index, delete, text } => {
             let (obj, obj_type) = resolve(tx, op_index, path)?;
             if obj_type != ObjType::Text {
                 return Err(wrong_type(op_index, path, "text", obj_type));
@@ -292,10 +276,7 @@ fn apply_op(tx: &mut Transaction<'_>, op_index: usize, op: &Op) -> Result<(), Op
                     expected: "a counter",
                     found: describe(&value),
                 }),
-                None => Err(OpError::NotFound {
-                    op: op_index,
-                    path: path_json(path),
-                }),
+                None => Err(OpError::NotFound { op: op_index, path: path_json(path) }),
             }
         }
     }
@@ -322,10 +303,7 @@ fn put_value(
             "op {op}: value nested deeper than {MAX_NESTING_DEPTH}"
         )));
     }
-    let rejected = |e: AutomergeError| OpError::Rejected {
-        op,
-        reason: e.to_string(),
-    };
+    let rejected = |e: AutomergeError| OpError::Rejected { op, reason: e.to_string() };
     let object_type = match (value, kind) {
         (Json::Object(_), _) => Some(ObjType::Map),
         (Json::Array(_), _) => Some(ObjType::List),
@@ -350,28 +328,12 @@ fn put_value(
     match value {
         Json::Object(fields) => {
             for (key, field) in fields {
-                put_value(
-                    tx,
-                    op,
-                    &child,
-                    Slot::Key(key),
-                    field,
-                    ValueKind::Auto,
-                    depth + 1,
-                )?;
+                put_value(tx, op, &child, Slot::Key(key), field, ValueKind::Auto, depth + 1)?;
             }
         }
         Json::Array(items) => {
             for (i, item) in items.iter().enumerate() {
-                put_value(
-                    tx,
-                    op,
-                    &child,
-                    Slot::Insert(i),
-                    item,
-                    ValueKind::Auto,
-                    depth + 1,
-                )?;
+                put_value(tx, op, &child, Slot::Insert(i), item, ValueKind::Auto, depth + 1)?;
             }
         }
         Json::String(text) => tx.splice_text(&child, 0, 0, text).map_err(rejected)?,
@@ -381,15 +343,11 @@ fn put_value(
 }
 
 fn scalar(op: usize, value: &Json, kind: ValueKind) -> Result<ScalarValue, OpError> {
-    let bad = |reason: &str| OpError::BadValue {
-        op,
-        reason: reason.to_owned(),
-    };
+    let bad = |reason: &str| OpError::BadValue { op, reason: reason.to_owned() };
     Ok(match (value, kind) {
-        (Json::Number(n), ValueKind::Counter) => ScalarValue::counter(
-            n.as_i64()
-                .ok_or_else(|| bad("a counter must be an integer"))?,
-        ),
+        (Json::Number(n), ValueKind::Counter) => {
+            ScalarValue::counter(n.as_i64().ok_or_else(|| bad("a counter must be an integer"))?)
+        }
         (_, ValueKind::Counter) => return Err(bad("a counter must be an integer")),
         (Json::String(s), _) => ScalarValue::Str(s.as_str().into()),
         (Json::Null, _) => ScalarValue::Null,
@@ -420,9 +378,7 @@ fn resolve(
     path: &[PathSegment],
 ) -> Result<(ObjId, ObjType), OpError> {
     if path.len() > MAX_NESTING_DEPTH {
-        return Err(OpError::OverLimit(format!(
-            "op {op}: path deeper than {MAX_NESTING_DEPTH}"
-        )));
+        return Err(OpError::OverLimit(format!("op {op}: path deeper than {MAX_NESTING_DEPTH}")));
     }
     let mut current = (ROOT, ObjType::Map);
     for (depth, segment) in path.iter().enumerate() {
@@ -444,10 +400,7 @@ fn resolve(
                 ))
             }
         }
-        .map_err(|e| OpError::Rejected {
-            op,
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| OpError::Rejected { op, reason: e.to_string() })?;
         current = match found {
             Some((Value::Object(obj_type), id)) => (id, obj_type),
             Some((value, _)) => {
@@ -458,12 +411,7 @@ fn resolve(
                     found: describe(&value),
                 })
             }
-            None => {
-                return Err(OpError::NotFound {
-                    op,
-                    path: path_json(here),
-                })
-            }
+            None => return Err(OpError::NotFound { op, path: path_json(here) }),
         };
     }
     Ok(current)
@@ -478,20 +426,11 @@ fn check_index(
     inserting: bool,
 ) -> Result<(), OpError> {
     let length = tx.length(obj);
-    let in_range = if inserting {
-        index <= length
-    } else {
-        index < length
-    };
+    let in_range = if inserting { index <= length } else { index < length };
     if in_range {
         Ok(())
     } else {
-        Err(OpError::OutOfRange {
-            op,
-            path: path_json(path),
-            index,
-            length,
-        })
+        Err(OpError::OutOfRange { op, path: path_json(path), index, length })
     }
 }
 
@@ -571,12 +510,8 @@ mod tests {
     #[test]
     fn a_failing_op_applies_nothing() {
         let mut doc = automerge::Automerge::new();
-        apply_ops(
-            &mut doc,
-            &ops(json!([{"op": "set", "path": ["list"], "value": [1]}])),
-            0,
-        )
-        .unwrap();
+        apply_ops(&mut doc, &ops(json!([{"op": "set", "path": ["list"], "value": [1]}])), 0)
+            .unwrap();
         let heads = doc.get_heads();
         let cases = [
             (
@@ -587,26 +522,11 @@ mod tests {
                 json!([{"op": "set", "path": ["x"], "value": 1}, {"op": "splice", "path": ["list"], "index": 0, "text": "a"}]),
                 "expected text",
             ),
-            (
-                json!([{"op": "increment", "path": ["list"], "by": 1}]),
-                "expected a counter",
-            ),
-            (
-                json!([{"op": "delete", "path": ["missing"]}]),
-                "nothing at path",
-            ),
-            (
-                json!([{"op": "set", "path": [], "value": 1}]),
-                "must not be empty",
-            ),
-            (
-                json!([{"op": "set", "path": ["a", "b"], "value": 1}]),
-                "nothing at path",
-            ),
-            (
-                json!([{"op": "set", "path": ["c"], "value": 1.5, "kind": "counter"}]),
-                "integer",
-            ),
+            (json!([{"op": "increment", "path": ["list"], "by": 1}]), "expected a counter"),
+            (json!([{"op": "delete", "path": ["missing"]}]), "nothing at path"),
+            (json!([{"op": "set", "path": [], "value": 1}]), "must not be empty"),
+            (json!([{"op": "set", "path": ["a", "b"], "value": 1}]), "nothing at path"),
+            (json!([{"op": "set", "path": ["c"], "value": 1.5, "kind": "counter"}]), "integer"),
         ];
         for (batch, expected) in cases {
             let error = apply_ops(&mut doc, &ops(batch.clone()), 0).unwrap_err();

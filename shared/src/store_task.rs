@@ -4,7 +4,7 @@
 //! [`StoreReply`]s with the same ids; the store executes tasks strictly in the order they were
 //! emitted, which is what lets a compaction delete "every change stored before it".
 
-use crate::ids::{Collection, DocId};
+use crate::ids::{Collection, DocId, NodeId};
 
 /// A durable store operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +21,9 @@ pub enum StoreTask {
         heads: Vec<[u8; 32]>,
         /// HLC time of the write, as the 64-bit NTP value.
         hlc: u64,
+        /// The node the changes came from: this node for local writes, else the peer that
+        /// delivered them. Recorded in the change feed.
+        origin: NodeId,
     },
     /// Replace the document's snapshot and drop every change stored before this task.
     Compact {

@@ -4,9 +4,11 @@
 //! Every error is a 4xx or 5xx with a JSON body `{"error": {"code", "message"}}`, and a
 //! rejected request applies nothing.
 
+use std::sync::Arc;
+
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -14,7 +16,11 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use tokio::sync::watch;
+
 use super::driver::{DriverError, NodeHandle};
+use super::runtime::RunningNode;
+use super::store_reader::{StoreReader, MAX_PAGE};
 use crate::ids::{Collection, DocId};
 use crate::node::{self, Request, RequestError};
 use crate::ops::{Op, PathSegment, ValueKind};
@@ -22,21 +28,48 @@ use crate::ops::{Op, PathSegment, ValueKind};
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
-/// The full document API (agents).
-pub fn router(node: NodeHandle) -> Router {
-    Router::new()
-        .route("/v1/collections/{collection}/docs", post(create))
-        .route("/v1/docs/{id}", get(read))
-        .route("/v1/docs/{id}/ops", post(edit))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(node)
+/// What the API handlers reach: the node, the store's read side and the feed signal.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    /// The node loop.
+    pub node: NodeHandle,
+    /// Read-only store queries.
+    pub reader: Arc<StoreReader>,
+    /// The newest committed change-feed position.
+    pub feed_head: watch::Receiver<u64>,
 }
 
-/// Only the read route (hubs).
-pub fn read_router(node: NodeHandle) -> Router {
+impl ApiState {
+    /// The API state of a running node.
+    pub fn of(node: &RunningNode) -> Self {
+        Self {
+            node: node.handle.clone(),
+            reader: node.reader.clone(),
+            feed_head: node.feed_head.clone(),
+        }
+    }
+}
+
+/// The full document API (agents).
+pub fn router(state: ApiState) -> Router {
     Router::new()
+        .route("/v1/collections/{collection}/docs", post(create).get(list))
         .route("/v1/docs/{id}", get(read))
-        .with_state(node)
+        .route("/v1/docs/{id}/ops", post(edit))
+        .route("/v1/changes", get(super::feed_api::changes))
+        .route("/v1/status", get(status))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Only the read routes (hubs).
+pub fn read_router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/collections/{collection}/docs", get(list))
+        .route("/v1/docs/{id}", get(read))
+        .route("/v1/changes", get(super::feed_api::changes))
+        .route("/v1/status", get(status))
+        .with_state(state)
 }
 
 /// An API error: status, a stable code and a message for people.
@@ -49,20 +82,23 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-        }
+        Self { status, code, message: message.into() }
+    }
+
+    /// A 400 with a stable code.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// A 500: something on this node failed, not the request.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({"error": {"code": self.code, "message": self.message}})),
-        )
+        (self.status, Json(json!({"error": {"code": self.code, "message": self.message}})))
             .into_response()
     }
 }
@@ -70,29 +106,21 @@ impl IntoResponse for ApiError {
 impl From<DriverError> for ApiError {
     fn from(error: DriverError) -> Self {
         match error {
-            DriverError::Request(RequestError::NotFound(id)) => Self::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("document {id} not found"),
-            ),
+            DriverError::Request(RequestError::NotFound(id)) => {
+                Self::new(StatusCode::NOT_FOUND, "not_found", format!("document {id} not found"))
+            }
             DriverError::Request(e @ RequestError::AlreadyExists(_)) => {
                 Self::new(StatusCode::CONFLICT, "exists", e.to_string())
             }
-            DriverError::Request(e @ RequestError::Unavailable(_)) => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                e.to_string(),
-            ),
-            DriverError::Request(RequestError::BadOps(e)) => Self::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_op",
-                e.to_string(),
-            ),
-            DriverError::Stopped => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "stopped",
-                "node is shutting down",
-            ),
+            DriverError::Request(e @ RequestError::Unavailable(_)) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())
+            }
+            DriverError::Request(RequestError::BadOps(e)) => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_op", e.to_string())
+            }
+            DriverError::Stopped => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "stopped", "node is shutting down")
+            }
         }
     }
 }
@@ -102,28 +130,19 @@ fn body_json<T: for<'de> Deserialize<'de>>(
 ) -> Result<T, ApiError> {
     let bytes = body.map_err(|rejection| {
         let status = rejection.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "too_large"
-        } else {
-            "bad_body"
-        };
-        ApiError::new(
-            status,
-            code,
-            format!("{rejection} (limit {MAX_BODY_BYTES} bytes)"),
-        )
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "too_large" } else { "bad_body" };
+        ApiError::new(status, code, format!("{rejection} (limit {MAX_BODY_BYTES} bytes)"))
     })?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_json", e.to_string()))
 }
 
 fn parse_doc_id(id: &str) -> Result<DocId, ApiError> {
-    id.parse()
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_id", format!("{e}")))
+    id.parse().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_id", format!("{e}")))
 }
 
 async fn create(
-    State(node): State<NodeHandle>,
+    State(ApiState { node, .. }): State<ApiState>,
     Path(collection): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -146,14 +165,7 @@ async fn create(
         })
         .collect();
     let doc_id = DocId::random(&mut rand::thread_rng());
-    match node
-        .request(Request::Create {
-            doc_id,
-            collection,
-            ops,
-        })
-        .await?
-    {
+    match node.request(Request::Create { doc_id, collection, ops }).await? {
         node::Response::Written { doc_id, heads } => Ok((
             StatusCode::CREATED,
             Json(json!({"id": doc_id.to_string(), "url": doc_id.url(), "heads": heads})),
@@ -169,7 +181,7 @@ struct EditBody {
 }
 
 async fn edit(
-    State(node): State<NodeHandle>,
+    State(ApiState { node, .. }): State<ApiState>,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -182,17 +194,12 @@ async fn edit(
 }
 
 async fn read(
-    State(node): State<NodeHandle>,
+    State(ApiState { node, .. }): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let doc_id = parse_doc_id(&id)?;
     match node.request(Request::Read { doc_id }).await? {
-        node::Response::Document {
-            doc_id,
-            collection,
-            heads,
-            doc,
-        } => Ok(Json(json!({
+        node::Response::Document { doc_id, collection, heads, doc } => Ok(Json(json!({
             "id": doc_id.to_string(),
             "collection": collection.as_str(),
             "heads": heads,
@@ -208,4 +215,50 @@ fn unexpected(response: &node::Response) -> ApiError {
         "internal",
         format!("unexpected answer {response:?}"),
     )
+}
+
+/// Query parameters of a listing.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    /// Continue after this document id (the previous page's `next`).
+    after: Option<String>,
+    /// Page size (default 100, at most 1000).
+    limit: Option<usize>,
+}
+
+async fn list(
+    State(state): State<ApiState>,
+    Path(collection): Path<String>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let collection: Collection =
+        collection.parse().map_err(|e| ApiError::bad_request("bad_collection", format!("{e}")))?;
+    let after = query.after.as_deref().map(parse_doc_id).transpose()?;
+    let limit = query.limit.unwrap_or(100).clamp(1, MAX_PAGE);
+    let reader = state.reader.clone();
+    let docs = tokio::task::spawn_blocking(move || reader.list(&collection, after, limit))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let next = (docs.len() == limit).then(|| docs.last().map(|d| d.id.clone())).flatten();
+    Ok(Json(json!({"docs": docs, "next": next})))
+}
+
+async fn status(State(state): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
+    let status = state.node.status();
+    let reader = state.reader.clone();
+    let store_bytes = tokio::task::spawn_blocking(move || reader.size_bytes())
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(json!({
+        "node": state.node.node_id().to_string(),
+        "connected_peers": status.ready_peers,
+        "documents": status.documents,
+        "clock": status.clock,
+        "store_bytes": store_bytes,
+        "feed_cursor": *state.feed_head.borrow(),
+    })))
 }

@@ -56,20 +56,15 @@ pub struct NodeStatus {
     pub ready_peers: usize,
     /// Commands waiting in the node's queue.
     pub queued_commands: usize,
+    /// The node's hybrid logical clock when the snapshot was taken (RFC 3339).
+    pub clock: String,
 }
 
 #[derive(Debug)]
 enum Command {
     Input(Input),
-    Request {
-        request: Request,
-        reply: oneshot::Sender<Result<Response, RequestError>>,
-    },
-    Attach {
-        conn: ConnId,
-        peer: NodeId,
-        writer: mpsc::Sender<WriterMessage>,
-    },
+    Request { request: Request, reply: oneshot::Sender<Result<Response, RequestError>> },
+    Attach { conn: ConnId, peer: NodeId, writer: mpsc::Sender<WriterMessage> },
     Shutdown,
 }
 
@@ -123,10 +118,7 @@ impl NodeHandle {
     }
 
     async fn input(&self, input: Input) -> Result<(), DriverError> {
-        self.commands
-            .send(Command::Input(input))
-            .await
-            .map_err(|_| DriverError::Stopped)
+        self.commands.send(Command::Input(input)).await.map_err(|_| DriverError::Stopped)
     }
 
     /// The latest status snapshot.
@@ -183,9 +175,7 @@ pub struct StoreReplies {
 impl StoreReplies {
     /// Delivers a store reply from a blocking thread; false once the node loop is gone.
     pub fn deliver(&self, task: u64, reply: crate::store_task::StoreReply) -> bool {
-        self.commands
-            .blocking_send(Command::Input(Input::StoreDone { task, reply }))
-            .is_ok()
+        self.commands.blocking_send(Command::Input(Input::StoreDone { task, reply })).is_ok()
     }
 }
 
@@ -273,8 +263,7 @@ impl Driver {
                         // A peer that cannot keep up is dropped; it catches up on reconnect.
                         tracing::warn!(conn, "closing connection: send queue full");
                         self.writers.remove(&conn);
-                        self.node
-                            .handle_input(Instant::now(), Input::Disconnected { conn });
+                        self.node.handle_input(Instant::now(), Input::Disconnected { conn });
                     }
                 }
                 Output::Close { conn, reason } => {
@@ -305,6 +294,7 @@ impl Driver {
             documents: self.node.documents().count(),
             ready_peers: self.node.ready_peers(),
             queued_commands,
+            clock: self.node.clock().new_timestamp().get_time().to_string_rfc3339_lossy(),
         };
         self.status.send_replace(status);
     }

@@ -3,8 +3,10 @@
 
 pub mod doc_api;
 pub mod driver;
+pub mod feed_api;
 pub mod ops_http;
 pub mod quic;
 pub mod runtime;
 pub mod store;
+pub mod store_reader;
 pub mod tls;

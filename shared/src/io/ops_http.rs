@@ -63,11 +63,7 @@ impl Metrics {
             "Frames received from peers",
             metrics.frames_received.clone(),
         );
-        registry.register(
-            "frames_sent",
-            "Frames sent to peers",
-            metrics.frames_sent.clone(),
-        );
+        registry.register("frames_sent", "Frames sent to peers", metrics.frames_sent.clone());
         registry.register(
             "bytes_sent",
             "Bytes of frames sent to peers",
@@ -114,16 +110,12 @@ impl Metrics {
             "Store tasks folded into one commit",
             metrics.commit_batch_tasks.clone(),
         );
-        Self {
-            registry,
-            ..metrics
-        }
+        Self { registry, ..metrics }
     }
 
     /// Records one group commit (called from the store thread).
     pub fn observe_commit(&self, report: CommitReport) {
-        self.commit_latency_seconds
-            .observe(report.latency.as_secs_f64());
+        self.commit_latency_seconds.observe(report.latency.as_secs_f64());
         self.commit_batch_tasks.observe(report.tasks as f64);
     }
 
@@ -134,44 +126,21 @@ impl Metrics {
         };
         let s = &status.stats;
         let pairs = [
-            (
-                &self.frames_received,
-                s.frames_received,
-                last.frames_received,
-            ),
+            (&self.frames_received, s.frames_received, last.frames_received),
             (&self.frames_sent, s.frames_sent, last.frames_sent),
             (&self.bytes_sent, s.bytes_sent, last.bytes_sent),
-            (
-                &self.protocol_errors,
-                s.protocol_errors,
-                last.protocol_errors,
-            ),
-            (
-                &self.clock_drift_rejections,
-                s.clock_drift_rejections,
-                last.clock_drift_rejections,
-            ),
-            (
-                &self.changes_committed,
-                s.changes_committed,
-                last.changes_committed,
-            ),
-            (
-                &self.document_reloads,
-                s.document_reloads,
-                last.document_reloads,
-            ),
+            (&self.protocol_errors, s.protocol_errors, last.protocol_errors),
+            (&self.clock_drift_rejections, s.clock_drift_rejections, last.clock_drift_rejections),
+            (&self.changes_committed, s.changes_committed, last.changes_committed),
+            (&self.document_reloads, s.document_reloads, last.document_reloads),
         ];
         for (counter, now, before) in pairs {
             counter.inc_by(now.saturating_sub(before));
         }
         *last = status.stats.clone();
-        self.documents
-            .set(i64::try_from(status.documents).unwrap_or(i64::MAX));
-        self.ready_peers
-            .set(i64::try_from(status.ready_peers).unwrap_or(i64::MAX));
-        self.queued_commands
-            .set(i64::try_from(status.queued_commands).unwrap_or(i64::MAX));
+        self.documents.set(i64::try_from(status.documents).unwrap_or(i64::MAX));
+        self.ready_peers.set(i64::try_from(status.ready_peers).unwrap_or(i64::MAX));
+        self.queued_commands.set(i64::try_from(status.queued_commands).unwrap_or(i64::MAX));
     }
 
     /// The metrics in Prometheus text format.
@@ -228,11 +197,5 @@ async fn readyz(State(state): State<OpsState>) -> impl IntoResponse {
 
 async fn metrics(State(state): State<OpsState>) -> impl IntoResponse {
     let body = state.metrics.render(&state.node);
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        body,
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
 }

@@ -104,16 +104,10 @@ pub async fn run_connection(
     initiator: bool,
 ) -> Result<(), TransportError> {
     let peer = peer_node_id(&connection)?;
-    let (send, mut recv) = if initiator {
-        connection.open_bi().await?
-    } else {
-        connection.accept_bi().await?
-    };
+    let (send, mut recv) =
+        if initiator { connection.open_bi().await? } else { connection.accept_bi().await? };
     let (writer_tx, writer_rx) = mpsc::channel(CONNECTION_QUEUE_CAPACITY);
-    let conn = node
-        .attach(peer, writer_tx)
-        .await
-        .map_err(|_| TransportError::NodeStopped)?;
+    let conn = node.attach(peer, writer_tx).await.map_err(|_| TransportError::NodeStopped)?;
     tracing::info!(conn, %peer, remote = %connection.remote_address(), "peer connected");
     let writer = tokio::spawn(write_frames(connection.clone(), send, writer_rx));
     let mut buffer = vec![0u8; READ_CHUNK_BYTES];

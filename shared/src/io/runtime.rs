@@ -9,10 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use automerge::ActorId;
+use tokio::sync::watch;
 
 use super::driver::{spawn_node, NodeHandle};
 use super::ops_http::{Metrics, OpsState};
 use super::store::{spawn_store_thread, Store, StoreError};
+use super::store_reader::StoreReader;
 use super::tls::{ensure_dev_certificates, Identity, TlsError, TlsPaths};
 use crate::config::{ConfigError, SyncConfig};
 use crate::message::Role;
@@ -68,6 +70,10 @@ pub struct RunningNode {
     pub ops: OpsState,
     /// Documents that could not be loaded at start (left on disk, untouched).
     pub unloadable_documents: usize,
+    /// Read-only queries on the store (listings, change feed).
+    pub reader: Arc<StoreReader>,
+    /// The newest committed change-feed position; changes whenever a commit adds events.
+    pub feed_head: watch::Receiver<u64>,
     node_task: tokio::task::JoinHandle<()>,
     store_thread: std::thread::JoinHandle<Result<(), StoreError>>,
 }
@@ -113,10 +119,7 @@ pub struct IdentityConfig {
 impl IdentityConfig {
     /// The paths, with defaults filled in relative to `data_dir`.
     pub fn paths(&self, data_dir: &Path) -> TlsPaths {
-        let ca_dir = self
-            .ca_dir
-            .clone()
-            .unwrap_or_else(|| default_home().join("dev-ca"));
+        let ca_dir = self.ca_dir.clone().unwrap_or_else(|| default_home().join("dev-ca"));
         let defaults = default_tls_paths(&ca_dir, data_dir);
         TlsPaths {
             ca_cert: self.ca_cert.clone().unwrap_or(defaults.ca_cert),
@@ -136,15 +139,16 @@ impl RunningNode {
     /// Opens the store, loads every document and starts the node loop and store thread.
     pub fn start(setup: &NodeSetup) -> Result<Self, StartError> {
         setup.sync.validate()?;
-        std::fs::create_dir_all(&setup.data_dir).map_err(|source| StartError::DataDir {
-            path: setup.data_dir.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&setup.data_dir)
+            .map_err(|source| StartError::DataDir { path: setup.data_dir.clone(), source })?;
         if setup.dev_certificates {
             ensure_dev_certificates(&setup.tls, &setup.certificate_names)?;
         }
         let identity = Identity::load(&setup.tls)?;
-        let store = Store::open(&setup.data_dir.join("cairn.db"))?;
+        let database = setup.data_dir.join("cairn.db");
+        let store = Store::open(&database)?;
+        let reader = Arc::new(StoreReader::open(&database)?);
+        let (feed_head_tx, feed_head) = watch::channel(store.feed_head()?);
         let stored = store.load_all()?;
         let hlc_id =
             uhlc::ID::try_from(*identity.node_id.as_bytes()).unwrap_or_else(|_| uhlc::ID::rand());
@@ -154,13 +158,8 @@ impl RunningNode {
             .with_max_delta(Duration::from_millis(setup.sync.max_clock_drift_ms))
             .build();
         // A fresh actor per start: changes from before a crash never collide with new ones.
-        let mut node = Node::new(
-            identity.node_id,
-            setup.role,
-            ActorId::random(),
-            hlc,
-            setup.sync.clone(),
-        );
+        let mut node =
+            Node::new(identity.node_id, setup.role, ActorId::random(), hlc, setup.sync.clone());
         let mut unloadable_documents = 0;
         for doc in &stored {
             if let Err(error) = node.load(doc) {
@@ -177,18 +176,22 @@ impl RunningNode {
             store,
             queue_rx,
             move |task, reply| replies.deliver(task, reply),
-            move |report| commit_metrics.observe_commit(report),
+            move |report| {
+                commit_metrics.observe_commit(report);
+                feed_head_tx.send_if_modified(|head| {
+                    std::mem::replace(head, report.feed_head) != report.feed_head
+                });
+            },
         );
-        let ops = OpsState {
-            node: handle.clone(),
-            metrics,
-            ready: Arc::new(AtomicBool::new(false)),
-        };
+        let ops =
+            OpsState { node: handle.clone(), metrics, ready: Arc::new(AtomicBool::new(false)) };
         Ok(Self {
             handle,
             identity,
             ops,
             unloadable_documents,
+            reader,
+            feed_head,
             node_task,
             store_thread,
         })
@@ -196,9 +199,7 @@ impl RunningNode {
 
     /// Stops the node loop, lets the store commit what it was given, and waits for both.
     pub async fn stop(self) -> Result<(), StoreError> {
-        self.ops
-            .ready
-            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.ops.ready.store(false, std::sync::atomic::Ordering::Relaxed);
         self.handle.shutdown().await;
         let _ = self.node_task.await;
         drop(self.handle);

@@ -42,6 +42,18 @@ const MIGRATIONS: &[&str] = &[
         data BLOB NOT NULL
     );
     CREATE INDEX changes_by_doc ON changes(doc_id, seq);",
+    // 2: the change feed: one row per committed append, in commit order, for local
+    // subscribers and resumable cursors. Written in the same transaction as the change.
+    "CREATE TABLE feed (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        doc_id BLOB NOT NULL,
+        collection TEXT NOT NULL,
+        heads BLOB NOT NULL,
+        origin BLOB NOT NULL,
+        hlc INTEGER NOT NULL
+    );
+    CREATE INDEX feed_by_doc ON feed(doc_id, seq);
+    CREATE INDEX feed_by_collection ON feed(collection, seq);",
 ];
 
 /// A storage failure.
@@ -63,13 +75,15 @@ pub enum StoreError {
     },
 }
 
-/// Timing of one group commit, for metrics.
+/// What one group commit did, for metrics and change-feed subscribers.
 #[derive(Debug, Clone, Copy)]
 pub struct CommitReport {
     /// Tasks in the transaction.
     pub tasks: usize,
     /// Wall time from begin to commit.
     pub latency: Duration,
+    /// The newest change-feed position after the commit.
+    pub feed_head: u64,
 }
 
 /// A node's SQLite database.
@@ -92,14 +106,10 @@ impl Store {
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
-        let version: usize = self
-            .conn
-            .pragma_query_value(None, "user_version", |row| row.get(0))?;
+        let version: usize =
+            self.conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
         if version > MIGRATIONS.len() {
-            return Err(StoreError::TooNew {
-                found: version,
-                supported: MIGRATIONS.len(),
-            });
+            return Err(StoreError::TooNew { found: version, supported: MIGRATIONS.len() });
         }
         let tx = self.conn.transaction()?;
         for migration in &MIGRATIONS[version..] {
@@ -112,9 +122,7 @@ impl Store {
 
     /// Every stored document, for start-up.
     pub fn load_all(&self) -> Result<Vec<StoredDoc>, StoreError> {
-        let mut statement = self
-            .conn
-            .prepare("SELECT doc_id FROM documents ORDER BY doc_id")?;
+        let mut statement = self.conn.prepare("SELECT doc_id FROM documents ORDER BY doc_id")?;
         let ids = statement
             .query_map([], |row| row.get::<_, Vec<u8>>(0))?
             .collect::<Result<Vec<_>, _>>()?;
@@ -142,26 +150,8 @@ impl Store {
         let mut replies = Vec::with_capacity(tasks.len());
         for (task, action) in tasks {
             let reply = match action {
-                StoreTask::Append {
-                    doc_id,
-                    collection,
-                    changes,
-                    heads,
-                    hlc,
-                } => {
-                    let heads: Vec<u8> = heads.iter().flatten().copied().collect();
-                    // HLC values use the full u64 range; SQLite integers are signed.
-                    let hlc = *hlc as i64;
-                    tx.execute(
-                        "INSERT INTO documents (doc_id, collection, heads, hlc) VALUES (?1, ?2, ?3, ?4)
-                         ON CONFLICT(doc_id) DO UPDATE SET heads = excluded.heads, hlc = excluded.hlc",
-                        params![doc_id.as_bytes(), collection.as_str(), heads, hlc],
-                    )?;
-                    let mut insert =
-                        tx.prepare_cached("INSERT INTO changes (doc_id, data) VALUES (?1, ?2)")?;
-                    for change in changes {
-                        insert.execute(params![doc_id.as_bytes(), change])?;
-                    }
+                StoreTask::Append { .. } => {
+                    append(&tx, action)?;
                     StoreReply::Committed
                 }
                 StoreTask::Compact { doc_id, snapshot } => {
@@ -183,16 +173,36 @@ impl Store {
         Ok(replies)
     }
 
-    /// Bytes the database file occupies.
-    pub fn size_bytes(&self) -> Result<u64, StoreError> {
-        let pages: i64 = self
-            .conn
-            .pragma_query_value(None, "page_count", |row| row.get(0))?;
-        let page_size: i64 = self
-            .conn
-            .pragma_query_value(None, "page_size", |row| row.get(0))?;
-        Ok(u64::try_from(pages * page_size).unwrap_or(0))
+    /// The newest change-feed position (0 when the feed is empty).
+    pub fn feed_head(&self) -> Result<u64, StoreError> {
+        let seq: i64 =
+            self.conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM feed", [], |row| row.get(0))?;
+        Ok(u64::try_from(seq).unwrap_or(0))
     }
+}
+
+/// Stores new changes, the heads index entry and a change-feed row.
+fn append(conn: &Connection, task: &StoreTask) -> Result<(), StoreError> {
+    let StoreTask::Append { doc_id, collection, changes, heads, hlc, origin } = task else {
+        return Ok(());
+    };
+    let heads: Vec<u8> = heads.iter().flatten().copied().collect();
+    // HLC values use the full u64 range; SQLite integers are signed.
+    let hlc = *hlc as i64;
+    conn.execute(
+        "INSERT INTO documents (doc_id, collection, heads, hlc) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(doc_id) DO UPDATE SET heads = excluded.heads, hlc = excluded.hlc",
+        params![doc_id.as_bytes(), collection.as_str(), heads, hlc],
+    )?;
+    let mut insert = conn.prepare_cached("INSERT INTO changes (doc_id, data) VALUES (?1, ?2)")?;
+    for change in changes {
+        insert.execute(params![doc_id.as_bytes(), change])?;
+    }
+    let mut feed = conn.prepare_cached(
+        "INSERT INTO feed (doc_id, collection, heads, origin, hlc) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    feed.execute(params![doc_id.as_bytes(), collection.as_str(), heads, origin.as_bytes(), hlc])?;
+    Ok(())
 }
 
 /// Reads one document; also used inside a batch's transaction, so a load sees earlier writes.
@@ -215,12 +225,7 @@ fn load_doc(conn: &Connection, doc_id: DocId) -> Result<Option<StoredDoc>, Store
     let changes = statement
         .query_map(params![doc_id.as_bytes()], |row| row.get::<_, Vec<u8>>(0))?
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Some(StoredDoc {
-        doc_id,
-        collection,
-        snapshot,
-        changes,
-    }))
+    Ok(Some(StoredDoc { doc_id, collection, snapshot, changes }))
 }
 
 /// Starts the store thread on `tasks`. Replies go to `on_reply`; commit timings to `on_commit`.
@@ -245,10 +250,9 @@ pub fn spawn_store_thread(
             let replies = store.execute(&batch).inspect_err(|error| {
                 tracing::error!(%error, "store commit failed; stopping");
             })?;
-            on_commit(CommitReport {
-                tasks: batch.len(),
-                latency: started.elapsed(),
-            });
+            let latency = started.elapsed();
+            let feed_head = store.feed_head()?;
+            on_commit(CommitReport { tasks: batch.len(), latency, feed_head });
             batch.clear();
             for (task, reply) in replies {
                 if !on_reply(task, reply) {
@@ -290,6 +294,7 @@ mod tests {
             changes: changes.iter().map(|c| c.to_vec()).collect(),
             heads: vec![[byte; 32]],
             hlc: u64::MAX,
+            origin: crate::ids::NodeId::from_bytes([9; 16]),
         }
     }
 
@@ -316,10 +321,7 @@ mod tests {
         let store = Store::open(&path).unwrap();
         let docs = store.load_all().unwrap();
         assert_eq!(docs.len(), 2);
-        assert_eq!(
-            docs[0].changes,
-            vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]
-        );
+        assert_eq!(docs[0].changes, vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
         assert_eq!(docs[0].collection.as_str(), "plant-7/sensors");
         assert_eq!(docs[1].changes, vec![b"x".to_vec()]);
     }
@@ -330,13 +332,7 @@ mod tests {
         let mut store = Store::open(&path).unwrap();
         let tasks = [
             (1, append(1, &[b"a", b"b"])),
-            (
-                2,
-                StoreTask::Compact {
-                    doc_id: doc_id(1),
-                    snapshot: b"snap".to_vec(),
-                },
-            ),
+            (2, StoreTask::Compact { doc_id: doc_id(1), snapshot: b"snap".to_vec() }),
             (3, append(1, &[b"c"])),
             (4, StoreTask::Load { doc_id: doc_id(1) }),
         ];
@@ -352,14 +348,9 @@ mod tests {
     #[test]
     fn store_settings_are_durable_ones() {
         let store = Store::open(&temp_db("pragmas")).unwrap();
-        let mode: String = store
-            .conn
-            .pragma_query_value(None, "journal_mode", |r| r.get(0))
-            .unwrap();
-        let sync: i64 = store
-            .conn
-            .pragma_query_value(None, "synchronous", |r| r.get(0))
-            .unwrap();
+        let mode: String =
+            store.conn.pragma_query_value(None, "journal_mode", |r| r.get(0)).unwrap();
+        let sync: i64 = store.conn.pragma_query_value(None, "synchronous", |r| r.get(0)).unwrap();
         assert_eq!(mode, "wal");
         assert_eq!(sync, 2, "synchronous must be FULL");
     }
@@ -371,10 +362,7 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         conn.pragma_update(None, "user_version", 99).unwrap();
         drop(conn);
-        assert!(matches!(
-            Store::open(&path),
-            Err(StoreError::TooNew { found: 99, .. })
-        ));
+        assert!(matches!(Store::open(&path), Err(StoreError::TooNew { found: 99, .. })));
     }
 
     #[test]
@@ -382,9 +370,7 @@ mod tests {
         let store = Store::open(&temp_db("thread")).unwrap();
         let (queue, tasks) = mpsc::channel(STORE_QUEUE_CAPACITY);
         for task in 0..100u64 {
-            queue
-                .blocking_send((task, append((task % 7) as u8, &[b"z"])))
-                .unwrap();
+            queue.blocking_send((task, append((task % 7) as u8, &[b"z"]))).unwrap();
         }
         drop(queue);
         let (replies_tx, replies_rx) = std::sync::mpsc::channel();

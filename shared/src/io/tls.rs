@@ -83,9 +83,7 @@ pub fn ensure_dev_certificates(paths: &TlsPaths, names: &[String]) -> Result<(),
     let ca = ca_params().self_signed(&ca_key)?;
     let node_key = rcgen::KeyPair::generate()?;
     let mut params = rcgen::CertificateParams::new(names.to_vec())?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "cairn node");
+    params.distinguished_name.push(rcgen::DnType::CommonName, "cairn node");
     let cert = params.signed_by(&node_key, &ca, &ca_key)?;
     write_private(&paths.node_key, &node_key.serialize_pem())?;
     write_file(&paths.node_cert, &cert.pem())?;
@@ -96,44 +94,30 @@ pub fn ensure_dev_certificates(paths: &TlsPaths, names: &[String]) -> Result<(),
 fn ca_params() -> rcgen::CertificateParams {
     let mut params = rcgen::CertificateParams::default();
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "cairn development CA");
-    params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-    ];
+    params.distinguished_name.push(rcgen::DnType::CommonName, "cairn development CA");
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
     params
 }
 
 fn create_dev_ca(paths: &TlsPaths) -> Result<(), TlsError> {
     let dir = paths.ca_cert.parent().unwrap_or(Path::new("."));
     let parent = dir.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).map_err(|source| TlsError::File {
-        path: parent.to_owned(),
-        source,
-    })?;
+    fs::create_dir_all(parent)
+        .map_err(|source| TlsError::File { path: parent.to_owned(), source })?;
     let staging = parent.join(format!(".ca-staging-{}", std::process::id()));
-    fs::create_dir_all(&staging).map_err(|source| TlsError::File {
-        path: staging.clone(),
-        source,
-    })?;
+    fs::create_dir_all(&staging)
+        .map_err(|source| TlsError::File { path: staging.clone(), source })?;
     let key = rcgen::KeyPair::generate()?;
     let cert = ca_params().self_signed(&key)?;
     let file_name = |p: &Path| p.file_name().map(|n| n.to_owned()).unwrap_or_default();
-    write_private(
-        &staging.join(file_name(&paths.ca_key)),
-        &key.serialize_pem(),
-    )?;
+    write_private(&staging.join(file_name(&paths.ca_key)), &key.serialize_pem())?;
     write_file(&staging.join(file_name(&paths.ca_cert)), &cert.pem())?;
     if fs::rename(&staging, dir).is_err() {
         // Another node won the race (or the directory already existed): use what is there.
         let _ = fs::remove_dir_all(&staging);
         if !paths.ca_cert.exists() {
-            for (from, to) in [
-                (&paths.ca_key, &key.serialize_pem()),
-                (&paths.ca_cert, &cert.pem()),
-            ] {
+            for (from, to) in [(&paths.ca_key, &key.serialize_pem()), (&paths.ca_cert, &cert.pem())]
+            {
                 write_file(from, to)?;
             }
         }
@@ -144,31 +128,19 @@ fn create_dev_ca(paths: &TlsPaths) -> Result<(), TlsError> {
 impl Identity {
     /// Loads the CA certificate and this node's certificate and key.
     pub fn load(paths: &TlsPaths) -> Result<Self, TlsError> {
-        let ca = CertificateDer::from_pem_file(&paths.ca_cert).map_err(|e| TlsError::Pem {
-            path: paths.ca_cert.clone(),
-            reason: e.to_string(),
-        })?;
+        let ca = CertificateDer::from_pem_file(&paths.ca_cert)
+            .map_err(|e| TlsError::Pem { path: paths.ca_cert.clone(), reason: e.to_string() })?;
         let chain = CertificateDer::pem_file_iter(&paths.node_cert)
             .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| TlsError::Pem {
-                path: paths.node_cert.clone(),
-                reason: e.to_string(),
-            })?;
-        let key = PrivateKeyDer::from_pem_file(&paths.node_key).map_err(|e| TlsError::Pem {
-            path: paths.node_key.clone(),
-            reason: e.to_string(),
-        })?;
+            .map_err(|e| TlsError::Pem { path: paths.node_cert.clone(), reason: e.to_string() })?;
+        let key = PrivateKeyDer::from_pem_file(&paths.node_key)
+            .map_err(|e| TlsError::Pem { path: paths.node_key.clone(), reason: e.to_string() })?;
         let leaf = chain.first().ok_or_else(|| TlsError::Pem {
             path: paths.node_cert.clone(),
             reason: "no certificate".into(),
         })?;
         let node_id = node_id_of(leaf)?;
-        Ok(Self {
-            ca,
-            chain,
-            key,
-            node_id,
-        })
+        Ok(Self { ca, chain, key, node_id })
     }
 
     /// QUIC server configuration: TLS 1.3, client certificates required and checked against the CA.
@@ -219,9 +191,7 @@ impl Identity {
 
     fn roots(&self) -> Result<rustls::RootCertStore, TlsError> {
         let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(self.ca.clone())
-            .map_err(|e| TlsError::Config(e.to_string()))?;
+        roots.add(self.ca.clone()).map_err(|e| TlsError::Config(e.to_string()))?;
         Ok(roots)
     }
 }
@@ -234,38 +204,26 @@ pub fn peer_node_id(connection: &quinn::Connection) -> Result<NodeId, TlsError> 
     let chain = identity
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| TlsError::PeerCertificate("unexpected identity type".into()))?;
-    let leaf = chain
-        .first()
-        .ok_or_else(|| TlsError::PeerCertificate("empty chain".into()))?;
+    let leaf = chain.first().ok_or_else(|| TlsError::PeerCertificate("empty chain".into()))?;
     node_id_of(leaf)
 }
 
 fn node_id_of(cert: &CertificateDer<'_>) -> Result<NodeId, TlsError> {
     let parsed = webpki::EndEntityCert::try_from(cert)
         .map_err(|e| TlsError::PeerCertificate(format!("{e:?}")))?;
-    Ok(NodeId::from_public_key(
-        parsed.subject_public_key_info().as_ref(),
-    ))
+    Ok(NodeId::from_public_key(parsed.subject_public_key_info().as_ref()))
 }
 
 fn read_text(path: &Path) -> Result<String, TlsError> {
-    fs::read_to_string(path).map_err(|source| TlsError::File {
-        path: path.to_owned(),
-        source,
-    })
+    fs::read_to_string(path).map_err(|source| TlsError::File { path: path.to_owned(), source })
 }
 
 fn write_file(path: &Path, contents: &str) -> Result<(), TlsError> {
     if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(|source| TlsError::File {
-            path: parent.to_owned(),
-            source,
-        })?;
+        fs::create_dir_all(parent)
+            .map_err(|source| TlsError::File { path: parent.to_owned(), source })?;
     }
-    fs::write(path, contents).map_err(|source| TlsError::File {
-        path: path.to_owned(),
-        source,
-    })
+    fs::write(path, contents).map_err(|source| TlsError::File { path: path.to_owned(), source })
 }
 
 fn write_private(path: &Path, contents: &str) -> Result<(), TlsError> {
@@ -273,12 +231,8 @@ fn write_private(path: &Path, contents: &str) -> Result<(), TlsError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|source| {
-            TlsError::File {
-                path: path.to_owned(),
-                source,
-            }
-        })?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+            .map_err(|source| TlsError::File { path: path.to_owned(), source })?;
     }
     Ok(())
 }
