@@ -25,6 +25,9 @@ pub enum Role {
     Agent,
     /// A regional hub.
     Hub,
+    /// An application attached through a node's local sync endpoint (automerge-repo's
+    /// protocol): it syncs only the documents it asks for and sends no inventory.
+    Client,
 }
 
 /// A digest of a document's heads: equal digests mean equal documents.

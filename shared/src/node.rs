@@ -323,7 +323,7 @@ impl Node {
         }
         self.next_anti_entropy = Some(now + self.config.anti_entropy_interval());
         let conns: Vec<ConnId> =
-            self.peers.iter().filter(|(_, p)| p.is_ready()).map(|(c, _)| *c).collect();
+            self.peers.iter().filter(|(_, p)| p.replicates_everything()).map(|(c, _)| *c).collect();
         for conn in conns {
             self.send_inventory(conn);
         }
@@ -380,7 +380,9 @@ impl Node {
                     );
                 }
                 peer.phase = PeerPhase::Ready(role);
-                self.send_inventory(conn);
+                if role != Role::Client {
+                    self.send_inventory(conn);
+                }
             }
             (_, Message::Refuse { reason, .. }) => {
                 self.outputs
@@ -439,16 +441,17 @@ impl Node {
             .documents
             .entry(doc_id)
             .or_insert_with(|| Document::new(collection.clone(), actor));
-        if document.collection != collection {
+        let Some(peer) = self.peers.get_mut(&conn) else {
+            return;
+        };
+        // Clients name documents by id only; their collection is a default for new ones.
+        if document.collection != collection && peer.replicates_everything() {
             let expected = document.collection.clone();
             return self.refuse(
                 conn,
                 format!("document {doc_id} belongs to {expected}, not {collection}"),
             );
         }
-        let Some(peer) = self.peers.get_mut(&conn) else {
-            return;
-        };
         let origin = peer.node_id;
         let state = peer.sync_states.entry(doc_id).or_default();
         let before = document.doc.get_heads();
@@ -638,10 +641,10 @@ impl Node {
         self.store(StoreTask::Load { doc_id }, Pending::Reload { doc_id });
     }
 
-    /// Offers a document's news to every ready peer.
+    /// Offers a document's news to every peer that follows it.
     fn announce(&mut self, doc_id: DocId) {
         let conns: Vec<ConnId> =
-            self.peers.iter().filter(|(_, p)| p.is_ready()).map(|(c, _)| *c).collect();
+            self.peers.iter().filter(|(_, p)| p.follows(&doc_id)).map(|(c, _)| *c).collect();
         for conn in conns {
             self.sync_with(conn, doc_id);
         }

@@ -45,4 +45,14 @@ impl Peer {
     pub fn is_ready(&self) -> bool {
         matches!(self.phase, PeerPhase::Ready(_))
     }
+
+    /// True for nodes (agents, hubs) that hold every document; false for clients.
+    pub fn replicates_everything(&self) -> bool {
+        matches!(self.phase, PeerPhase::Ready(Role::Agent | Role::Hub))
+    }
+
+    /// True if this peer should hear about changes to `doc_id`.
+    pub fn follows(&self, doc_id: &DocId) -> bool {
+        self.replicates_everything() || (self.is_ready() && self.sync_states.contains_key(doc_id))
+    }
 }
