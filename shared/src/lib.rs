@@ -15,6 +15,7 @@
 
 pub mod config;
 pub mod document;
+pub mod durability;
 pub mod frame;
 pub mod ids;
 pub mod message;

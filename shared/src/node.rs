@@ -19,10 +19,11 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
 use automerge::sync::{self, SyncDoc};
-use automerge::{ActorId, ChangeHash};
+use automerge::{ActorId, ChangeHash, ReadDoc};
 
 use crate::config::SyncConfig;
 use crate::document::{guarded, heads_digest, heads_hex, Document, DocumentError};
+use crate::durability::HubAcks;
 use crate::frame::encode_frame;
 use crate::ids::{Collection, DocId, NodeId};
 use crate::message::{
@@ -96,6 +97,18 @@ pub enum Request {
         /// The edit.
         ops: Vec<Op>,
     },
+    /// Answer once a hub has committed every change up to `heads` of a document, or at
+    /// `deadline` with what is known then.
+    AwaitHub {
+        /// The document.
+        doc_id: DocId,
+        /// Heads as hex, as a write's answer gave them.
+        heads: Vec<String>,
+        /// When to stop waiting.
+        deadline: Instant,
+    },
+    /// Report the node's sync state (for `/v1/status`).
+    Status,
     /// Read a document's current state.
     Read {
         /// The document.
@@ -124,6 +137,34 @@ pub enum Response {
         /// The materialized JSON.
         doc: serde_json::Value,
     },
+    /// How durable the asked-for heads are.
+    Durability(DurabilityReport),
+    /// The node's sync state.
+    Status(StatusReport),
+}
+
+/// The node's sync state, in answer to [`Request::Status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusReport {
+    /// A hub is connected now.
+    pub hub_connected: bool,
+    /// Documents held.
+    pub documents: usize,
+    /// Documents whose current heads no hub has acknowledged yet.
+    pub documents_pending_hub: usize,
+    /// HLC time of the last sync message from a hub.
+    pub last_hub_sync: Option<uhlc::Timestamp>,
+    /// The node's clock now.
+    pub clock: uhlc::Timestamp,
+}
+
+/// How durable a set of heads is, in answer to [`Request::AwaitHub`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurabilityReport {
+    /// Committed on this node.
+    pub local: bool,
+    /// Committed by a hub.
+    pub hub: bool,
 }
 
 /// Why a request failed; nothing was applied.
@@ -141,6 +182,9 @@ pub enum RequestError {
     /// The operations cannot be applied.
     #[error(transparent)]
     BadOps(#[from] OpError),
+    /// Heads that are not 64 hex digits.
+    #[error("invalid heads: {0}")]
+    BadHeads(String),
 }
 
 /// Something the driver must do.
@@ -223,6 +267,7 @@ pub struct Node {
     next_task: TaskId,
     outputs: VecDeque<Output>,
     next_anti_entropy: Option<Instant>,
+    hub_acks: HubAcks,
     stats: NodeStats,
 }
 
@@ -260,6 +305,7 @@ impl Node {
             next_task: 0,
             outputs: VecDeque::new(),
             next_anti_entropy: None,
+            hub_acks: HubAcks::default(),
             stats: NodeStats::default(),
         }
     }
@@ -305,18 +351,26 @@ impl Node {
             Input::Disconnected { conn } => {
                 self.peers.remove(&conn);
             }
-            Input::Request { id, request } => self.on_request(id, request),
+            Input::Request { id, request } => self.on_request(now, id, request),
             Input::StoreDone { task, reply } => self.on_store_done(task, reply),
         }
     }
 
     /// When [`Node::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.next_anti_entropy
+        [self.next_anti_entropy, self.hub_acks.next_deadline()].into_iter().flatten().min()
     }
 
-    /// Runs timers that are due: periodic anti-entropy with every ready peer.
+    /// Runs timers that are due: periodic anti-entropy with every replicating peer, and
+    /// durability waits that reached their deadline.
     pub fn handle_timeout(&mut self, now: Instant) {
+        for request in self.hub_acks.expired(now) {
+            let report = DurabilityReport { local: true, hub: false };
+            self.outputs.push_back(Output::Respond {
+                id: request,
+                result: Ok(Response::Durability(report)),
+            });
+        }
         match self.next_anti_entropy {
             Some(due) if due <= now => {}
             _ => return,
@@ -465,15 +519,32 @@ impl Node {
                 return self.reload(doc_id);
             }
         }
-        if document.doc.get_heads() == before {
-            self.sync_with(conn, doc_id);
-        } else {
+        let hub_heads = (peer.phase == PeerPhase::Ready(Role::Hub))
+            .then(|| state.their_heads.clone())
+            .flatten();
+        let changed = document.doc.get_heads() != before;
+        if let Some(heads) = hub_heads {
+            self.hub_advertised(doc_id, heads);
+        }
+        if changed {
             self.persist(doc_id, &before, origin, None);
+        } else {
+            self.sync_with(conn, doc_id);
         }
     }
 
-    fn on_request(&mut self, id: RequestId, request: Request) {
+    fn on_request(&mut self, now: Instant, id: RequestId, request: Request) {
         let result = match request {
+            Request::Status => Some(Ok(Response::Status(StatusReport {
+                hub_connected: self.hub_connected(),
+                documents: self.documents().count(),
+                documents_pending_hub: self.documents_pending_hub(),
+                last_hub_sync: self.last_hub_sync(),
+                clock: self.hlc.new_timestamp(),
+            }))),
+            Request::AwaitHub { doc_id, heads, deadline } => {
+                self.await_hub(now, id, doc_id, &heads, deadline)
+            }
             Request::Create { doc_id, collection, ops } => {
                 self.create(id, doc_id, collection, &ops)
             }
@@ -533,6 +604,62 @@ impl Node {
                 None
             }
         }
+    }
+
+    /// Answers at once when the heads are already hub-durable (or this node is a hub), else
+    /// parks the request until a hub advertises them or the deadline passes.
+    fn await_hub(
+        &mut self,
+        now: Instant,
+        id: RequestId,
+        doc_id: DocId,
+        heads: &[String],
+        deadline: Instant,
+    ) -> Option<Result<Response, RequestError>> {
+        let heads =
+            match heads.iter().map(|h| h.parse::<ChangeHash>()).collect::<Result<Vec<_>, _>>() {
+                Ok(heads) => heads,
+                Err(error) => return Some(Err(RequestError::BadHeads(error.to_string()))),
+            };
+        let Some(document) = self.documents.get(&doc_id).filter(|d| !d.is_placeholder) else {
+            return Some(Err(RequestError::NotFound(doc_id)));
+        };
+        let local = heads.iter().all(|h| document.doc.get_change_by_hash(h).is_some());
+        let hub = local
+            && (self.role == Role::Hub || self.hub_acks.covers(&doc_id, &document.doc, &heads));
+        if hub || !local || deadline <= now {
+            return Some(Ok(Response::Durability(DurabilityReport { local, hub })));
+        }
+        self.hub_acks.wait(id, doc_id, heads, deadline);
+        None
+    }
+
+    /// Notes the heads a hub advertised, and answers the writes they make hub-durable.
+    fn hub_advertised(&mut self, doc_id: DocId, heads: Vec<ChangeHash>) {
+        self.hub_acks.record(doc_id, heads, self.hlc.new_timestamp());
+        let Some(document) = self.documents.get(&doc_id) else { return };
+        for request in self.hub_acks.satisfied(&doc_id, &document.doc) {
+            let report = DurabilityReport { local: true, hub: true };
+            self.outputs.push_back(Output::Respond {
+                id: request,
+                result: Ok(Response::Durability(report)),
+            });
+        }
+    }
+
+    /// True while a hub is connected.
+    pub fn hub_connected(&self) -> bool {
+        self.peers.values().any(|p| p.phase == PeerPhase::Ready(Role::Hub))
+    }
+
+    /// Documents whose current heads no hub has acknowledged yet.
+    pub fn documents_pending_hub(&self) -> usize {
+        self.hub_acks.pending_documents(self.documents().map(|(id, d)| (id, d.doc.get_heads())))
+    }
+
+    /// HLC time of the last sync message from a hub.
+    pub fn last_hub_sync(&self) -> Option<uhlc::Timestamp> {
+        self.hub_acks.last_hub_sync()
     }
 
     fn read(&self, doc_id: DocId) -> Option<Result<Response, RequestError>> {

@@ -16,11 +16,14 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use std::time::Duration;
+
 use tokio::sync::watch;
 
 use super::driver::{DriverError, NodeHandle};
 use super::runtime::RunningNode;
 use super::store_reader::{StoreReader, MAX_PAGE};
+use crate::durability::{Durability, DurabilityError};
 use crate::ids::{Collection, DocId};
 use crate::node::{self, Request, RequestError};
 use crate::ops::{Op, PathSegment, ValueKind};
@@ -56,6 +59,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/collections/{collection}/docs", post(create).get(list))
         .route("/v1/docs/{id}", get(read))
         .route("/v1/docs/{id}/ops", post(edit))
+        .route("/v1/docs/{id}/durability", get(durability))
         .route("/v1/changes", get(super::feed_api::changes))
         .route("/v1/status", get(status))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -118,6 +122,9 @@ impl From<DriverError> for ApiError {
             DriverError::Request(RequestError::BadOps(e)) => {
                 Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_op", e.to_string())
             }
+            DriverError::Request(e @ RequestError::BadHeads(_)) => {
+                Self::new(StatusCode::BAD_REQUEST, "bad_heads", e.to_string())
+            }
             DriverError::Stopped => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "stopped", "node is shutting down")
             }
@@ -141,11 +148,98 @@ fn parse_doc_id(id: &str) -> Result<DocId, ApiError> {
     id.parse().map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_id", format!("{e}")))
 }
 
+/// Durability options of a write, from the query string (and, for edits, the body).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WriteQuery {
+    /// `local` (default), `hub` or `regions:N`.
+    durability: Option<String>,
+    /// How long to wait for the durability level before answering 202, in milliseconds.
+    timeout_ms: Option<u64>,
+}
+
+/// Default and largest wait for a durability level.
+const DEFAULT_DURABILITY_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_DURABILITY_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl WriteQuery {
+    fn level(&self) -> Result<(Durability, Duration), ApiError> {
+        let level = match &self.durability {
+            Some(text) => text.parse().map_err(|e: DurabilityError| {
+                ApiError::bad_request("bad_durability", e.to_string())
+            })?,
+            None => Durability::Local,
+        };
+        if let Durability::Regions(_) = level {
+            return Err(ApiError::bad_request(
+                "bad_durability",
+                DurabilityError::Unavailable(level).to_string(),
+            ));
+        }
+        let timeout =
+            self.timeout_ms.map(Duration::from_millis).unwrap_or(DEFAULT_DURABILITY_TIMEOUT);
+        Ok((level, timeout.min(MAX_DURABILITY_TIMEOUT)))
+    }
+}
+
+/// Answers a committed write: at once for `local`; for `hub` once a hub has it, or `202` at
+/// the deadline with where to ask again. The write has happened either way.
+async fn answer_write(
+    node: &NodeHandle,
+    doc_id: DocId,
+    heads: Vec<String>,
+    (level, timeout): (Durability, Duration),
+    done: StatusCode,
+) -> Result<Response, ApiError> {
+    let mut body = json!({"id": doc_id.to_string(), "url": doc_id.url(), "heads": heads});
+    if level == Durability::Local {
+        body["durability"] = json!({"local": true});
+        return Ok((done, Json(body)).into_response());
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    let request = Request::AwaitHub { doc_id, heads: heads.clone(), deadline };
+    let node::Response::Durability(report) = node.request(request).await? else {
+        return Err(ApiError::internal("unexpected answer to a durability request"));
+    };
+    body["durability"] = json!({"local": report.local, "hub": report.hub});
+    if report.hub {
+        return Ok((done, Json(body)).into_response());
+    }
+    body["status_url"] = json!(format!("/v1/docs/{doc_id}/durability?heads={}", heads.join(",")));
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// Heads to ask about, comma-separated.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeadsQuery {
+    heads: String,
+}
+
+async fn durability(
+    State(ApiState { node, .. }): State<ApiState>,
+    Path(id): Path<String>,
+    query: Result<Query<HeadsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let doc_id = parse_doc_id(&id)?;
+    let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let heads: Vec<String> =
+        query.heads.split(',').filter(|h| !h.is_empty()).map(str::to_owned).collect();
+    let request = Request::AwaitHub { doc_id, heads, deadline: std::time::Instant::now() };
+    let node::Response::Durability(report) = node.request(request).await? else {
+        return Err(ApiError::internal("unexpected answer to a durability request"));
+    };
+    Ok(Json(json!({"local": report.local, "hub": report.hub})))
+}
+
 async fn create(
     State(ApiState { node, .. }): State<ApiState>,
     Path(collection): Path<String>,
+    query: Result<Query<WriteQuery>, axum::extract::rejection::QueryRejection>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let level = query.level()?;
     let collection: Collection = collection
         .parse()
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_collection", format!("{e}")))?;
@@ -166,10 +260,9 @@ async fn create(
         .collect();
     let doc_id = DocId::random(&mut rand::thread_rng());
     match node.request(Request::Create { doc_id, collection, ops }).await? {
-        node::Response::Written { doc_id, heads } => Ok((
-            StatusCode::CREATED,
-            Json(json!({"id": doc_id.to_string(), "url": doc_id.url(), "heads": heads})),
-        )),
+        node::Response::Written { doc_id, heads } => {
+            answer_write(&node, doc_id, heads, level, StatusCode::CREATED).await
+        }
         other => Err(unexpected(&other)),
     }
 }
@@ -178,17 +271,30 @@ async fn create(
 #[serde(deny_unknown_fields)]
 struct EditBody {
     ops: Vec<Op>,
+    /// `local` (default), `hub` or `regions:N`.
+    durability: Option<String>,
+    /// How long to wait for the durability level, in milliseconds.
+    timeout_ms: Option<u64>,
 }
 
 async fn edit(
     State(ApiState { node, .. }): State<ApiState>,
     Path(id): Path<String>,
+    query: Result<Query<WriteQuery>, axum::extract::rejection::QueryRejection>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Response, ApiError> {
     let doc_id = parse_doc_id(&id)?;
-    let EditBody { ops } = body_json(body)?;
+    let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let EditBody { ops, durability, timeout_ms } = body_json(body)?;
+    let write = WriteQuery {
+        durability: durability.or(query.durability),
+        timeout_ms: timeout_ms.or(query.timeout_ms),
+    };
+    let level = write.level()?;
     match node.request(Request::Edit { doc_id, ops }).await? {
-        node::Response::Written { heads, .. } => Ok(Json(json!({"heads": heads}))),
+        node::Response::Written { heads, .. } => {
+            answer_write(&node, doc_id, heads, level, StatusCode::OK).await
+        }
         other => Err(unexpected(&other)),
     }
 }
@@ -247,17 +353,25 @@ async fn list(
 }
 
 async fn status(State(state): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
-    let status = state.node.status();
+    let node::Response::Status(report) = state.node.request(Request::Status).await? else {
+        return Err(ApiError::internal("unexpected answer to a status request"));
+    };
     let reader = state.reader.clone();
     let store_bytes = tokio::task::spawn_blocking(move || reader.size_bytes())
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
         .map_err(|e| ApiError::internal(e.to_string()))?;
+    let peers = state.node.status().ready_peers;
     Ok(Json(json!({
         "node": state.node.node_id().to_string(),
-        "connected_peers": status.ready_peers,
-        "documents": status.documents,
-        "clock": status.clock,
+        "hub": {
+            "connected": report.hub_connected,
+            "last_sync": report.last_hub_sync.map(|t| t.get_time().to_string_rfc3339_lossy()),
+            "documents_pending": report.documents_pending_hub,
+        },
+        "connected_peers": peers,
+        "documents": report.documents,
+        "clock": report.clock.get_time().to_string_rfc3339_lossy(),
         "store_bytes": store_bytes,
         "feed_cursor": *state.feed_head.borrow(),
     })))

@@ -56,8 +56,6 @@ pub struct NodeStatus {
     pub ready_peers: usize,
     /// Commands waiting in the node's queue.
     pub queued_commands: usize,
-    /// The node's hybrid logical clock when the snapshot was taken (RFC 3339).
-    pub clock: String,
 }
 
 #[derive(Debug)]
@@ -294,7 +292,6 @@ impl Driver {
             documents: self.node.documents().count(),
             ready_peers: self.node.ready_peers(),
             queued_commands,
-            clock: self.node.clock().new_timestamp().get_time().to_string_rfc3339_lossy(),
         };
         self.status.send_replace(status);
     }
