@@ -5,7 +5,8 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use automerge::{ActorId, Automerge, Change, ChangeHash};
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc, ScalarValue, Value, ROOT};
 use sha2::{Digest, Sha256};
 
 use crate::ids::Collection;
@@ -98,11 +99,92 @@ impl Document {
         self.doc.get_changes(before).into_iter().map(|c| c.raw_bytes().to_vec()).collect()
     }
 
-    /// The materialized JSON of the document.
+    /// The materialized JSON of the document, without Cairn's reserved keys.
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::to_value(automerge::AutoSerde::from(&self.doc))
-            .unwrap_or(serde_json::Value::Null)
+        materialize(&self.doc)
     }
+
+    /// The materialized JSON as it was at `heads`.
+    pub fn json_at(&self, heads: &[ChangeHash]) -> Result<serde_json::Value, DocumentError> {
+        if let Some(missing) = heads.iter().find(|h| self.doc.get_change_meta_by_hash(h).is_none())
+        {
+            return Err(DocumentError::Refused(format!("unknown head {missing}")));
+        }
+        let past = guarded(|| self.doc.fork_at(heads))?;
+        Ok(materialize(&past))
+    }
+
+    /// True once the document carries the deletion tombstone.
+    pub fn is_deleted(&self) -> bool {
+        matches!(
+            self.doc.get(ROOT, TOMBSTONE_KEY),
+            Ok(Some((Value::Scalar(s), _))) if matches!(s.as_ref(), ScalarValue::Boolean(true))
+        )
+    }
+
+    /// Marks the document deleted with an ordinary change, so the deletion replicates and
+    /// merges like any write. Returns false if it already was.
+    pub fn delete(&mut self, commit_time_secs: i64) -> bool {
+        if self.is_deleted() {
+            return false;
+        }
+        let mut tx = self.doc.transaction();
+        if tx.put(ROOT, TOMBSTONE_KEY, true).is_err() {
+            tx.rollback();
+            return false;
+        }
+        tx.commit_with(CommitOptions::default().with_time(commit_time_secs).with_message("delete"));
+        true
+    }
+
+    /// Every change, oldest first, from `offset`, at most `limit`; and the total count.
+    pub fn history(&self, offset: usize, limit: usize) -> (Vec<ChangeInfo>, usize) {
+        let all = self.doc.get_changes_meta(&[]);
+        let total = all.len();
+        let page = all
+            .into_iter()
+            .skip(offset)
+            .take(limit)
+            .map(|meta| ChangeInfo {
+                hash: meta.hash.to_string(),
+                actor: meta.actor.to_hex_string(),
+                seq: meta.seq,
+                time_secs: meta.timestamp,
+                message: meta.message.map(|m| m.into_owned()),
+                deps: heads_hex(&meta.deps),
+            })
+            .collect();
+        (page, total)
+    }
+}
+
+/// One change in a document's history.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ChangeInfo {
+    /// The change hash, hex.
+    pub hash: String,
+    /// The actor that made it, hex.
+    pub actor: String,
+    /// Its sequence number for that actor.
+    pub seq: u64,
+    /// Commit time in Unix seconds, from the writer's hybrid logical clock.
+    pub time_secs: i64,
+    /// The commit message, if any.
+    pub message: Option<String>,
+    /// The changes it depends on, hex.
+    pub deps: Vec<String>,
+}
+
+/// Root key that marks a deleted document. Applications cannot write it through ops.
+pub const TOMBSTONE_KEY: &str = "_cairn_deleted";
+
+fn materialize(doc: &Automerge) -> serde_json::Value {
+    let mut json =
+        serde_json::to_value(automerge::AutoSerde::from(doc)).unwrap_or(serde_json::Value::Null);
+    if let Some(root) = json.as_object_mut() {
+        root.remove(TOMBSTONE_KEY);
+    }
+    json
 }
 
 /// Digest of a set of heads, independent of their order.

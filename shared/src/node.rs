@@ -109,6 +109,42 @@ pub enum Request {
     },
     /// Report the node's sync state (for `/v1/status`).
     Status,
+    /// Read a document as it was at `heads` (hex).
+    ReadAt {
+        /// The document.
+        doc_id: DocId,
+        /// The heads to read at.
+        heads: Vec<String>,
+    },
+    /// A page of a document's change history, oldest first.
+    History {
+        /// The document.
+        doc_id: DocId,
+        /// Changes to skip.
+        offset: usize,
+        /// Most changes to return.
+        limit: usize,
+    },
+    /// Delete a document: a tombstone change that replicates like any write.
+    Delete {
+        /// The document.
+        doc_id: DocId,
+    },
+    /// Merge raw Automerge bytes (a saved document or changes) into a document, creating it
+    /// in `collection` if it does not exist.
+    Import {
+        /// The document.
+        doc_id: DocId,
+        /// Where a new document goes; `None` means it must exist.
+        collection: Option<Collection>,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
+    /// The document saved as Automerge bytes.
+    Export {
+        /// The document.
+        doc_id: DocId,
+    },
     /// Read a document's current state.
     Read {
         /// The document.
@@ -141,6 +177,15 @@ pub enum Response {
     Durability(DurabilityReport),
     /// The node's sync state.
     Status(StatusReport),
+    /// A page of history.
+    History {
+        /// The changes, oldest first.
+        changes: Vec<crate::document::ChangeInfo>,
+        /// How many changes the document has.
+        total: usize,
+    },
+    /// Raw Automerge bytes.
+    Bytes(Vec<u8>),
 }
 
 /// The node's sync state, in answer to [`Request::Status`].
@@ -182,9 +227,15 @@ pub enum RequestError {
     /// The operations cannot be applied.
     #[error(transparent)]
     BadOps(#[from] OpError),
-    /// Heads that are not 64 hex digits.
+    /// Heads that are not 64 hex digits, or not in the document.
     #[error("invalid heads: {0}")]
     BadHeads(String),
+    /// The document was deleted.
+    #[error("document {0} was deleted")]
+    Deleted(DocId),
+    /// Raw bytes that Automerge cannot load.
+    #[error("invalid automerge data: {0}")]
+    BadBytes(String),
 }
 
 /// Something the driver must do.
@@ -549,6 +600,18 @@ impl Node {
                 self.create(id, doc_id, collection, &ops)
             }
             Request::Edit { doc_id, ops } => self.edit(id, doc_id, &ops),
+            Request::Delete { doc_id } => self.delete(id, doc_id),
+            Request::Import { doc_id, collection, bytes } => {
+                self.import(id, doc_id, collection, &bytes)
+            }
+            Request::ReadAt { doc_id, heads } => Some(self.read_at(doc_id, &heads)),
+            Request::History { doc_id, offset, limit } => Some(self.live(doc_id).map(|d| {
+                let (changes, total) = d.history(offset, limit);
+                Response::History { changes, total }
+            })),
+            Request::Export { doc_id } => {
+                Some(self.live(doc_id).map(|d| Response::Bytes(d.doc.save())))
+            }
             Request::Read { doc_id } => self.read(doc_id),
         };
         if let Some(result) = result {
@@ -591,10 +654,11 @@ impl Node {
         if self.reloading.contains_key(&doc_id) {
             return Some(Err(RequestError::Unavailable(doc_id)));
         }
+        if let Err(error) = self.live(doc_id) {
+            return Some(Err(error));
+        }
         let time = self.commit_time_secs();
-        let Some(document) = self.documents.get_mut(&doc_id).filter(|d| !d.is_placeholder) else {
-            return Some(Err(RequestError::NotFound(doc_id)));
-        };
+        let document = self.documents.get_mut(&doc_id)?;
         let before = document.doc.get_heads();
         match apply_ops(&mut document.doc, ops, time) {
             Err(error) => Some(Err(error.into())),
@@ -662,18 +726,102 @@ impl Node {
         self.hub_acks.last_hub_sync()
     }
 
-    fn read(&self, doc_id: DocId) -> Option<Result<Response, RequestError>> {
-        let result = match self.documents.get(&doc_id).filter(|d| !d.is_placeholder) {
-            Some(document) => Ok(Response::Document {
-                doc_id,
-                collection: document.collection.clone(),
-                heads: heads_hex(&document.doc.get_heads()),
-                doc: document.to_json(),
-            }),
+    /// A document that exists here and is not deleted.
+    fn live(&self, doc_id: DocId) -> Result<&Document, RequestError> {
+        match self.documents.get(&doc_id).filter(|d| !d.is_placeholder) {
+            Some(document) if document.is_deleted() => Err(RequestError::Deleted(doc_id)),
+            Some(document) => Ok(document),
             None if self.reloading.contains_key(&doc_id) => Err(RequestError::Unavailable(doc_id)),
             None => Err(RequestError::NotFound(doc_id)),
+        }
+    }
+
+    fn read(&self, doc_id: DocId) -> Option<Result<Response, RequestError>> {
+        Some(self.live(doc_id).map(|document| Response::Document {
+            doc_id,
+            collection: document.collection.clone(),
+            heads: heads_hex(&document.doc.get_heads()),
+            doc: document.to_json(),
+        }))
+    }
+
+    fn read_at(&self, doc_id: DocId, heads: &[String]) -> Result<Response, RequestError> {
+        let document = self.live(doc_id)?;
+        let parsed = heads
+            .iter()
+            .map(|h| h.parse::<ChangeHash>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| RequestError::BadHeads(e.to_string()))?;
+        let doc = document.json_at(&parsed).map_err(|e| RequestError::BadHeads(e.to_string()))?;
+        Ok(Response::Document {
+            doc_id,
+            collection: document.collection.clone(),
+            heads: heads.to_vec(),
+            doc,
+        })
+    }
+
+    fn delete(&mut self, id: RequestId, doc_id: DocId) -> Option<Result<Response, RequestError>> {
+        if let Err(error) = self.live(doc_id) {
+            return Some(Err(error));
+        }
+        let time = self.commit_time_secs();
+        let document = self.documents.get_mut(&doc_id)?;
+        let before = document.doc.get_heads();
+        document.delete(time);
+        self.persist(doc_id, &before, self.node_id, Some(id));
+        None
+    }
+
+    fn import(
+        &mut self,
+        id: RequestId,
+        doc_id: DocId,
+        collection: Option<Collection>,
+        bytes: &[u8],
+    ) -> Option<Result<Response, RequestError>> {
+        if self.reloading.contains_key(&doc_id) {
+            return Some(Err(RequestError::Unavailable(doc_id)));
+        }
+        // Every Automerge chunk, saved document or change, starts with these bytes; Automerge
+        // itself skips what it cannot parse, which would make garbage look like "no news".
+        const AUTOMERGE_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+        if !bytes.starts_with(&AUTOMERGE_MAGIC) {
+            return Some(Err(RequestError::BadBytes("not Automerge data".into())));
+        }
+        let exists = self.documents.get(&doc_id).is_some_and(|d| !d.is_placeholder);
+        let mut fresh = match (exists, collection) {
+            (true, _) => None,
+            (false, Some(collection)) => Some(Document::new(collection, self.actor.clone())),
+            (false, None) => return Some(Err(RequestError::NotFound(doc_id))),
         };
-        Some(result)
+        let document = match fresh.as_mut() {
+            Some(document) => document,
+            None => self.documents.get_mut(&doc_id)?,
+        };
+        let before = document.doc.get_heads();
+        match guarded(|| document.doc.load_incremental(bytes)) {
+            Ok(_) => {}
+            Err(DocumentError::Refused(error)) => return Some(Err(RequestError::BadBytes(error))),
+            Err(DocumentError::Panicked(error)) => {
+                if fresh.is_none() {
+                    self.reload(doc_id);
+                }
+                return Some(Err(RequestError::BadBytes(error)));
+            }
+        }
+        let heads = document.doc.get_heads();
+        if heads.is_empty() {
+            return Some(Err(RequestError::BadBytes("no changes in the data".into())));
+        }
+        if heads == before {
+            return Some(Ok(Response::Written { doc_id, heads: heads_hex(&heads) }));
+        }
+        if let Some(document) = fresh {
+            self.documents.insert(doc_id, document);
+        }
+        self.persist(doc_id, &before, self.node_id, Some(id));
+        None
     }
 
     /// Stores the changes made since `before`, and compacts when enough have piled up.
@@ -704,6 +852,7 @@ impl Node {
             heads: heads.iter().map(|h| h.0).collect(),
             hlc,
             origin,
+            deleted: document.is_deleted(),
         };
         let compact = (document.changes_since_snapshot >= compact_after).then(|| {
             document.changes_since_snapshot = 0;

@@ -182,6 +182,16 @@ pub fn apply_ops(
 }
 
 fn apply_op(tx: &mut Transaction<'_>, op_index: usize, op: &Op) -> Result<(), OpError> {
+    let path = match op {
+        Op::Set { path, .. }
+        | Op::Delete { path }
+        | Op::Insert { path, .. }
+        | Op::Splice { path, .. }
+        | Op::Increment { path, .. } => path,
+    };
+    if path.first() == Some(&PathSegment::Key(crate::document::TOMBSTONE_KEY.to_owned())) {
+        return Err(OpError::BadValue { op: op_index, reason: "that key is reserved".into() });
+    }
     let rejected = |e: AutomergeError| OpError::Rejected { op: op_index, reason: e.to_string() };
     match op {
         Op::Set { path, value, kind } => {

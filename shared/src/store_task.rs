@@ -24,6 +24,8 @@ pub enum StoreTask {
         /// The node the changes came from: this node for local writes, else the peer that
         /// delivered them. Recorded in the change feed.
         origin: NodeId,
+        /// The document carries the deletion tombstone after these changes.
+        deleted: bool,
     },
     /// Replace the document's snapshot and drop every change stored before this task.
     Compact {

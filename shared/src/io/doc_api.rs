@@ -57,8 +57,11 @@ impl ApiState {
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/collections/{collection}/docs", post(create).get(list))
-        .route("/v1/docs/{id}", get(read))
+        .route("/v1/collections/{collection}/docs/automerge", post(create_from_bytes))
+        .route("/v1/docs/{id}", get(read).delete(delete))
         .route("/v1/docs/{id}/ops", post(edit))
+        .route("/v1/docs/{id}/history", get(history))
+        .route("/v1/docs/{id}/automerge", get(export).post(import))
         .route("/v1/docs/{id}/durability", get(durability))
         .route("/v1/changes", get(super::feed_api::changes))
         .route("/v1/status", get(status))
@@ -71,6 +74,8 @@ pub fn read_router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/collections/{collection}/docs", get(list))
         .route("/v1/docs/{id}", get(read))
+        .route("/v1/docs/{id}/history", get(history))
+        .route("/v1/docs/{id}/automerge", get(export))
         .route("/v1/changes", get(super::feed_api::changes))
         .route("/v1/status", get(status))
         .with_state(state)
@@ -124,6 +129,12 @@ impl From<DriverError> for ApiError {
             }
             DriverError::Request(e @ RequestError::BadHeads(_)) => {
                 Self::new(StatusCode::BAD_REQUEST, "bad_heads", e.to_string())
+            }
+            DriverError::Request(e @ RequestError::Deleted(_)) => {
+                Self::new(StatusCode::GONE, "deleted", e.to_string())
+            }
+            DriverError::Request(e @ RequestError::BadBytes(_)) => {
+                Self::new(StatusCode::BAD_REQUEST, "bad_automerge", e.to_string())
             }
             DriverError::Stopped => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "stopped", "node is shutting down")
@@ -223,8 +234,7 @@ async fn durability(
 ) -> Result<impl IntoResponse, ApiError> {
     let doc_id = parse_doc_id(&id)?;
     let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
-    let heads: Vec<String> =
-        query.heads.split(',').filter(|h| !h.is_empty()).map(str::to_owned).collect();
+    let heads = split_heads(&query.heads);
     let request = Request::AwaitHub { doc_id, heads, deadline: std::time::Instant::now() };
     let node::Response::Durability(report) = node.request(request).await? else {
         return Err(ApiError::internal("unexpected answer to a durability request"));
@@ -299,18 +309,134 @@ async fn edit(
     }
 }
 
+/// Optional heads to read a document at (comma-separated hex).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadQuery {
+    heads: Option<String>,
+}
+
 async fn read(
     State(ApiState { node, .. }): State<ApiState>,
     Path(id): Path<String>,
+    query: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let doc_id = parse_doc_id(&id)?;
-    match node.request(Request::Read { doc_id }).await? {
+    let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let request = match query.heads {
+        Some(heads) => Request::ReadAt { doc_id, heads: split_heads(&heads) },
+        None => Request::Read { doc_id },
+    };
+    match node.request(request).await? {
         node::Response::Document { doc_id, collection, heads, doc } => Ok(Json(json!({
             "id": doc_id.to_string(),
             "collection": collection.as_str(),
             "heads": heads,
             "doc": doc,
         }))),
+        other => Err(unexpected(&other)),
+    }
+}
+
+fn split_heads(text: &str) -> Vec<String> {
+    text.split(',').filter(|h| !h.is_empty()).map(str::to_owned).collect()
+}
+
+async fn delete(
+    State(ApiState { node, .. }): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let doc_id = parse_doc_id(&id)?;
+    match node.request(Request::Delete { doc_id }).await? {
+        node::Response::Written { heads, .. } => {
+            Ok(Json(json!({"id": doc_id.to_string(), "heads": heads, "deleted": true})))
+        }
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// A page of history.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    offset: Option<usize>,
+    limit: Option<usize>,
+}
+
+async fn history(
+    State(ApiState { node, .. }): State<ApiState>,
+    Path(id): Path<String>,
+    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let doc_id = parse_doc_id(&id)?;
+    let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let offset = query.offset.unwrap_or(0);
+    let limit = query.limit.unwrap_or(100).clamp(1, MAX_PAGE);
+    match node.request(Request::History { doc_id, offset, limit }).await? {
+        node::Response::History { changes, total } => {
+            Ok(Json(json!({"changes": changes, "total": total, "offset": offset})))
+        }
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn export(
+    State(ApiState { node, .. }): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let doc_id = parse_doc_id(&id)?;
+    match node.request(Request::Export { doc_id }).await? {
+        node::Response::Bytes(bytes) => {
+            Ok(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], bytes)
+                .into_response())
+        }
+        other => Err(unexpected(&other)),
+    }
+}
+
+fn raw_body(body: Result<Bytes, BytesRejection>) -> Result<Vec<u8>, ApiError> {
+    let bytes = body.map_err(|rejection| {
+        let status = rejection.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "too_large" } else { "bad_body" };
+        ApiError::new(status, code, format!("{rejection} (limit {MAX_BODY_BYTES} bytes)"))
+    })?;
+    if bytes.is_empty() {
+        return Err(ApiError::bad_request("bad_automerge", "empty body"));
+    }
+    Ok(bytes.to_vec())
+}
+
+/// Merges uploaded Automerge bytes (a saved document or changes) into an existing document.
+async fn import(
+    State(ApiState { node, .. }): State<ApiState>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let doc_id = parse_doc_id(&id)?;
+    let bytes = raw_body(body)?;
+    match node.request(Request::Import { doc_id, collection: None, bytes }).await? {
+        node::Response::Written { heads, .. } => {
+            Ok(Json(json!({"id": doc_id.to_string(), "heads": heads})))
+        }
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// Creates a document from uploaded Automerge bytes.
+async fn create_from_bytes(
+    State(ApiState { node, .. }): State<ApiState>,
+    Path(collection): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let collection: Collection =
+        collection.parse().map_err(|e| ApiError::bad_request("bad_collection", format!("{e}")))?;
+    let bytes = raw_body(body)?;
+    let doc_id = DocId::random(&mut rand::thread_rng());
+    match node.request(Request::Import { doc_id, collection: Some(collection), bytes }).await? {
+        node::Response::Written { heads, .. } => Ok((
+            StatusCode::CREATED,
+            Json(json!({"id": doc_id.to_string(), "url": doc_id.url(), "heads": heads})),
+        )),
         other => Err(unexpected(&other)),
     }
 }

@@ -54,6 +54,9 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX feed_by_doc ON feed(doc_id, seq);
     CREATE INDEX feed_by_collection ON feed(collection, seq);",
+    // 3: deletion tombstones, so listings skip deleted documents and feeds can say so.
+    "ALTER TABLE documents ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE feed ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// A storage failure.
@@ -183,25 +186,35 @@ impl Store {
 
 /// Stores new changes, the heads index entry and a change-feed row.
 fn append(conn: &Connection, task: &StoreTask) -> Result<(), StoreError> {
-    let StoreTask::Append { doc_id, collection, changes, heads, hlc, origin } = task else {
+    let StoreTask::Append { doc_id, collection, changes, heads, hlc, origin, deleted } = task
+    else {
         return Ok(());
     };
     let heads: Vec<u8> = heads.iter().flatten().copied().collect();
     // HLC values use the full u64 range; SQLite integers are signed.
     let hlc = *hlc as i64;
     conn.execute(
-        "INSERT INTO documents (doc_id, collection, heads, hlc) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT(doc_id) DO UPDATE SET heads = excluded.heads, hlc = excluded.hlc",
-        params![doc_id.as_bytes(), collection.as_str(), heads, hlc],
+        "INSERT INTO documents (doc_id, collection, heads, hlc, deleted) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT(doc_id) DO UPDATE
+         SET heads = excluded.heads, hlc = excluded.hlc, deleted = excluded.deleted",
+        params![doc_id.as_bytes(), collection.as_str(), heads, hlc, deleted],
     )?;
     let mut insert = conn.prepare_cached("INSERT INTO changes (doc_id, data) VALUES (?1, ?2)")?;
     for change in changes {
         insert.execute(params![doc_id.as_bytes(), change])?;
     }
     let mut feed = conn.prepare_cached(
-        "INSERT INTO feed (doc_id, collection, heads, origin, hlc) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO feed (doc_id, collection, heads, origin, hlc, deleted)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?;
-    feed.execute(params![doc_id.as_bytes(), collection.as_str(), heads, origin.as_bytes(), hlc])?;
+    feed.execute(params![
+        doc_id.as_bytes(),
+        collection.as_str(),
+        heads,
+        origin.as_bytes(),
+        hlc,
+        deleted
+    ])?;
     Ok(())
 }
 
@@ -295,6 +308,7 @@ mod tests {
             heads: vec![[byte; 32]],
             hlc: u64::MAX,
             origin: crate::ids::NodeId::from_bytes([9; 16]),
+            deleted: false,
         }
     }
 

@@ -46,6 +46,8 @@ pub struct FeedEvent {
     pub hlc: u64,
     /// The same time in RFC 3339.
     pub time: String,
+    /// The document was deleted by this change.
+    pub deleted: bool,
 }
 
 /// Which feed events a subscriber wants.
@@ -94,7 +96,7 @@ impl StoreReader {
         let after = after.map(|id| id.as_bytes().to_vec()).unwrap_or_default();
         self.with(|conn| {
             let mut statement = conn.prepare_cached(
-                "SELECT doc_id, heads, hlc FROM documents WHERE collection = ?1 AND doc_id > ?2 ORDER BY doc_id LIMIT ?3",
+                "SELECT doc_id, heads, hlc FROM documents WHERE collection = ?1 AND doc_id > ?2 AND deleted = 0 ORDER BY doc_id LIMIT ?3",
             )?;
             let rows = statement.query_map(params![collection.as_str(), after, limit.min(MAX_PAGE) as i64], |row| {
                 Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?, row.get::<_, i64>(2)?))
@@ -121,7 +123,7 @@ impl StoreReader {
             FeedFilter::Document(d) => ("doc_id = ?2", d.as_bytes().to_vec().into()),
         };
         let sql = format!(
-            "SELECT seq, doc_id, collection, heads, origin, hlc FROM feed WHERE seq > ?1 AND ({clause}) ORDER BY seq LIMIT ?3"
+            "SELECT seq, doc_id, collection, heads, origin, hlc, deleted FROM feed WHERE seq > ?1 AND ({clause}) ORDER BY seq LIMIT ?3"
         );
         let cursor = i64::try_from(cursor).unwrap_or(i64::MAX);
         self.with(|conn| {
@@ -135,10 +137,11 @@ impl StoreReader {
                         row.get::<_, Vec<u8>>(3)?,
                         row.get::<_, Vec<u8>>(4)?,
                         row.get::<_, i64>(5)?,
+                        row.get::<_, bool>(6)?,
                     ))
                 })?;
             rows.map(|row| {
-                let (seq, doc_id, collection, heads, origin, hlc) = row?;
+                let (seq, doc_id, collection, heads, origin, hlc, deleted) = row?;
                 let origin: [u8; 16] = origin
                     .as_slice()
                     .try_into()
@@ -151,6 +154,7 @@ impl StoreReader {
                     origin: NodeId::from_bytes(origin).to_string(),
                     hlc: hlc as u64,
                     time: rfc3339(hlc),
+                    deleted,
                 })
             })
             .collect()
