@@ -33,6 +33,12 @@ pub struct Cli {
     /// Directory of the development CA shared by local nodes.
     #[arg(long, env = "CAIRN_CA_DIR")]
     pub ca_dir: Option<PathBuf>,
+    /// Serve the local API on this Unix socket instead of TCP.
+    #[arg(long, env = "CAIRN_API_SOCKET")]
+    pub api_socket: Option<PathBuf>,
+    /// Bearer token the local API requires (mandatory when it listens beyond loopback).
+    #[arg(long, env = "CAIRN_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
 }
 
 /// The agent's settings.
@@ -45,8 +51,12 @@ pub struct AgentConfig {
     pub hub: SocketAddr,
     /// The name the hub's certificate must carry.
     pub hub_server_name: String,
-    /// Local HTTP API address; loopback unless you put a proxy with authentication in front.
+    /// Local HTTP API address. Beyond loopback it requires `api_token`.
     pub api_listen: SocketAddr,
+    /// Serve the local API on this Unix socket instead of TCP.
+    pub api_socket: Option<PathBuf>,
+    /// Bearer token the local API requires.
+    pub api_token: Option<String>,
     /// TLS material.
     pub identity: IdentityConfig,
     /// Sync tuning.
@@ -62,6 +72,8 @@ impl Default for AgentConfig {
             hub: ([127, 0, 0, 1], 7700).into(),
             hub_server_name: "localhost".into(),
             api_listen: ([127, 0, 0, 1], 7780).into(),
+            api_socket: None,
+            api_token: None,
             identity: IdentityConfig::default(),
             sync: SyncConfig::edge(),
             link: LinkTiming::default(),
@@ -92,7 +104,19 @@ impl AgentConfig {
         if let Some(dir) = &cli.ca_dir {
             config.identity.ca_dir = Some(dir.clone());
         }
+        if let Some(socket) = &cli.api_socket {
+            config.api_socket = Some(socket.clone());
+        }
+        if let Some(token) = &cli.api_token {
+            config.api_token = Some(token.clone());
+        }
         config.sync.validate()?;
+        let exposed = config.api_socket.is_none() && !config.api_listen.ip().is_loopback();
+        anyhow::ensure!(
+            !exposed || config.api_token.as_deref().is_some_and(|t| !t.is_empty()),
+            "the local API on {} is reachable beyond this device: set api_token (CAIRN_API_TOKEN)",
+            config.api_listen
+        );
         Ok(config)
     }
 
@@ -136,6 +160,21 @@ mod tests {
         assert_eq!(config.hub, "10.0.0.1:7700".parse().unwrap());
         assert_eq!(config.api_listen, "127.0.0.1:9001".parse().unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_api_beyond_loopback_needs_a_token() {
+        let open = Cli::parse_from(["edge-agent", "--api-listen", "0.0.0.0:7780"]);
+        let error = AgentConfig::load(&open).unwrap_err();
+        assert!(error.to_string().contains("api_token"), "{error}");
+        let guarded = Cli::parse_from([
+            "edge-agent",
+            "--api-listen",
+            "0.0.0.0:7780",
+            "--api-token",
+            "s3cret",
+        ]);
+        assert!(AgentConfig::load(&guarded).is_ok());
     }
 
     #[test]

@@ -41,23 +41,39 @@ async fn main() -> anyhow::Result<()> {
         node.handle.clone(),
         config.link,
     ));
-    let listener = tokio::net::TcpListener::bind(config.api_listen)
-        .await
-        .with_context(|| format!("binding the local API on {}", config.api_listen))?;
-    let api_addr = listener.local_addr()?;
-    let app =
-        doc_api::router(doc_api::ApiState::of(&node)).merge(ops_http::ops_router(node.ops.clone()));
-    node.ops.ready.store(true, Ordering::Relaxed);
-    // Tests and scripts read this line; logs go to stderr.
-    println!(
-        "edge-agent ready api=http://{api_addr} node={} hub={}",
-        node.identity.node_id, config.hub
-    );
-    tracing::info!(api = %api_addr, data_dir = %setup.data_dir.display(), "agent started");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving the local API")?;
+    let app = doc_api::router(doc_api::ApiState::of(&node));
+    let app = doc_api::require_token(app, config.api_token.clone())
+        .merge(ops_http::ops_router(node.ops.clone()));
+    let node_id = node.identity.node_id;
+    if let Some(socket) = &config.api_socket {
+        // A stale socket from an earlier run would make bind fail.
+        let _ = std::fs::remove_file(socket);
+        let listener = tokio::net::UnixListener::bind(socket)
+            .with_context(|| format!("binding the local API on {}", socket.display()))?;
+        node.ops.ready.store(true, Ordering::Relaxed);
+        println!(
+            "edge-agent ready api=unix:{} node={node_id} hub={}",
+            socket.display(),
+            config.hub
+        );
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("serving the local API")?;
+    } else {
+        let listener = tokio::net::TcpListener::bind(config.api_listen)
+            .await
+            .with_context(|| format!("binding the local API on {}", config.api_listen))?;
+        let api_addr = listener.local_addr()?;
+        node.ops.ready.store(true, Ordering::Relaxed);
+        // Tests and scripts read this line; logs go to stderr.
+        println!("edge-agent ready api=http://{api_addr} node={node_id} hub={}", config.hub);
+        tracing::info!(api = %api_addr, data_dir = %setup.data_dir.display(), "agent started");
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("serving the local API")?;
+    }
     tracing::info!("shutting down");
     dialer.abort();
     endpoint.close(0u32.into(), b"agent shutting down");

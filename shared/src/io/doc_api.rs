@@ -65,8 +65,49 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/docs/{id}/durability", get(durability))
         .route("/v1/changes", get(super::feed_api::changes))
         .route("/v1/status", get(status))
+        .route("/v1/openapi.json", get(openapi))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// The OpenAPI description of this API, kept in the repository next to the handlers.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> impl IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+/// Requires `Authorization: Bearer <token>` on every request, when a token is configured.
+pub fn require_token(router: Router, token: Option<String>) -> Router {
+    let Some(token) = token else { return router };
+    let token: Arc<str> = token.into();
+    router.layer(axum::middleware::from_fn(
+        move |request: axum::extract::Request, next: axum::middleware::Next| {
+            let token = token.clone();
+            async move {
+                let presented = request
+                    .headers()
+                    .get(axum::http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "));
+                if presented.is_some_and(|p| same_secret(p.as_bytes(), token.as_bytes())) {
+                    next.run(request).await
+                } else {
+                    ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized",
+                        "missing or wrong bearer token",
+                    )
+                    .into_response()
+                }
+            }
+        },
+    ))
+}
+
+/// Compares without stopping at the first difference, so timing does not reveal the prefix.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Only the read routes (hubs).
@@ -78,6 +119,7 @@ pub fn read_router(state: ApiState) -> Router {
         .route("/v1/docs/{id}/automerge", get(export))
         .route("/v1/changes", get(super::feed_api::changes))
         .route("/v1/status", get(status))
+        .route("/v1/openapi.json", get(openapi))
         .with_state(state)
 }
 
@@ -501,4 +543,39 @@ async fn status(State(state): State<ApiState>) -> Result<impl IntoResponse, ApiE
         "store_bytes": store_bytes,
         "feed_cursor": *state.feed_head.borrow(),
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// Paths registered with `.route("...")` in a source file.
+    fn routes_in(source: &str) -> BTreeSet<String> {
+        source
+            .split(".route(\"")
+            .skip(1)
+            .filter_map(|rest| rest.split('"').next())
+            .filter(|path| path.starts_with('/'))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn the_openapi_description_lists_exactly_the_served_routes() {
+        let spec: Value = serde_json::from_str(OPENAPI).unwrap();
+        let documented: BTreeSet<String> =
+            spec["paths"].as_object().unwrap().keys().cloned().collect();
+        let mut served = routes_in(include_str!("doc_api.rs"));
+        served.extend(routes_in(include_str!("ops_http.rs")));
+        served.insert("/v1/sync".to_owned());
+        assert_eq!(documented, served);
+    }
+
+    #[test]
+    fn secrets_compare_by_content_and_length() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abc", b"abd"));
+        assert!(!same_secret(b"abc", b"abcd"));
+    }
 }

@@ -1,11 +1,13 @@
 //! The I/O both binaries share: the SQLite store thread, TLS identity, QUIC transport, the
-//! tokio loop that drives a [`crate::node::Node`], and the operations HTTP endpoints.
+//! tokio loop that drives a [`crate::node::Node`], the operations HTTP endpoints, and the
+//! automerge-repo WebSocket sync endpoint.
 
 pub mod doc_api;
 pub mod driver;
 pub mod feed_api;
 pub mod ops_http;
 pub mod quic;
+pub mod repo_ws;
 pub mod runtime;
 pub mod store;
 pub mod store_reader;
