@@ -43,10 +43,7 @@ fn drain(node: &mut Node) -> Vec<Output> {
 
 fn frame(message: Message, time: uhlc::NTP64) -> Vec<u8> {
     let sender = uhlc::ID::try_from([2u8; 16]).unwrap();
-    let envelope = Envelope {
-        sent_at: uhlc::Timestamp::new(time, sender),
-        message,
-    };
+    let envelope = Envelope { sent_at: uhlc::Timestamp::new(time, sender), message };
     encode_frame(&envelope.encode(), SyncConfig::MIN_FRAME_BYTES).unwrap()
 }
 
@@ -65,24 +62,12 @@ fn sent_messages(outputs: &[Output]) -> Vec<Message> {
 }
 
 fn connect(node: &mut Node, now: Instant) -> Vec<Output> {
-    node.handle_input(
-        now,
-        Input::Connected {
-            conn: CONN,
-            peer: PEER,
-        },
-    );
+    node.handle_input(now, Input::Connected { conn: CONN, peer: PEER });
     node.handle_input(
         now,
         Input::Received {
             conn: CONN,
-            bytes: frame(
-                Message::Hello {
-                    node_id: PEER,
-                    role: Role::Agent,
-                },
-                fixed_clock(),
-            ),
+            bytes: frame(Message::Hello { node_id: PEER, role: Role::Agent }, fixed_clock()),
         },
     );
     drain(node)
@@ -97,22 +82,12 @@ fn with_document(node: &mut Node, now: Instant) {
         now,
         Input::Request {
             id: 99,
-            request: Request::Create {
-                doc_id,
-                collection: "c".parse().unwrap(),
-                ops,
-            },
+            request: Request::Create { doc_id, collection: "c".parse().unwrap(), ops },
         },
     );
     for output in drain(node) {
         if let Output::Store { task, .. } = output {
-            node.handle_input(
-                now,
-                Input::StoreDone {
-                    task,
-                    reply: StoreReply::Committed,
-                },
-            );
+            node.handle_input(now, Input::StoreDone { task, reply: StoreReply::Committed });
         }
     }
     drain(node);
@@ -131,13 +106,7 @@ fn both_sides_say_hello_then_exchange_inventories() {
     with_document(&mut node, Instant::now());
     let outputs = connect(&mut node, Instant::now());
     let messages = sent_messages(&outputs);
-    assert!(matches!(
-        messages[0],
-        Message::Hello {
-            role: Role::Hub,
-            ..
-        }
-    ));
+    assert!(matches!(messages[0], Message::Hello { role: Role::Hub, .. }));
     assert!(matches!(messages[1], Message::Inventory { .. }));
     assert_eq!(node.ready_peers(), 1);
     assert_eq!(closed(&outputs), None);
@@ -146,29 +115,15 @@ fn both_sides_say_hello_then_exchange_inventories() {
 #[test]
 fn a_hello_that_contradicts_the_certificate_is_refused() {
     let mut node = node();
+    node.handle_input(Instant::now(), Input::Connected { conn: CONN, peer: PEER });
+    let liar = Message::Hello { node_id: NodeId::from_bytes([9; 16]), role: Role::Agent };
     node.handle_input(
         Instant::now(),
-        Input::Connected {
-            conn: CONN,
-            peer: PEER,
-        },
-    );
-    let liar = Message::Hello {
-        node_id: NodeId::from_bytes([9; 16]),
-        role: Role::Agent,
-    };
-    node.handle_input(
-        Instant::now(),
-        Input::Received {
-            conn: CONN,
-            bytes: frame(liar, fixed_clock()),
-        },
+        Input::Received { conn: CONN, bytes: frame(liar, fixed_clock()) },
     );
     let outputs = drain(&mut node);
     assert!(closed(&outputs).unwrap().contains("certificate proves"));
-    assert!(sent_messages(&outputs)
-        .iter()
-        .any(|m| matches!(m, Message::Refuse { .. })));
+    assert!(sent_messages(&outputs).iter().any(|m| matches!(m, Message::Refuse { .. })));
     assert_eq!(node.ready_peers(), 0);
     assert_eq!(node.stats().protocol_errors, 1);
 }
@@ -176,59 +131,27 @@ fn a_hello_that_contradicts_the_certificate_is_refused() {
 #[test]
 fn anything_before_hello_is_refused() {
     let mut node = node();
-    node.handle_input(
-        Instant::now(),
-        Input::Connected {
-            conn: CONN,
-            peer: PEER,
-        },
-    );
+    node.handle_input(Instant::now(), Input::Connected { conn: CONN, peer: PEER });
     let early = frame(Message::Inventory { entries: vec![] }, fixed_clock());
-    node.handle_input(
-        Instant::now(),
-        Input::Received {
-            conn: CONN,
-            bytes: early,
-        },
-    );
-    assert!(closed(&drain(&mut node))
-        .unwrap()
-        .contains("expected hello"));
+    node.handle_input(Instant::now(), Input::Received { conn: CONN, bytes: early });
+    assert!(closed(&drain(&mut node)).unwrap().contains("expected hello"));
 }
 
 #[test]
 fn an_unknown_protocol_version_gets_a_refusal_naming_ours() {
     let mut node = node();
-    node.handle_input(
-        Instant::now(),
-        Input::Connected {
-            conn: CONN,
-            peer: PEER,
-        },
-    );
+    node.handle_input(Instant::now(), Input::Connected { conn: CONN, peer: PEER });
     drain(&mut node);
     let future = encode_frame(&[PROTOCOL_VERSION + 1, 1, 2, 3], 1024).unwrap();
-    node.handle_input(
-        Instant::now(),
-        Input::Received {
-            conn: CONN,
-            bytes: future,
-        },
-    );
+    node.handle_input(Instant::now(), Input::Received { conn: CONN, bytes: future });
     let outputs = drain(&mut node);
     let refusal = sent_messages(&outputs).into_iter().find_map(|m| match m {
-        Message::Refuse {
-            reason,
-            protocol_version,
-        } => Some((reason, protocol_version)),
+        Message::Refuse { reason, protocol_version } => Some((reason, protocol_version)),
         _ => None,
     });
     let (reason, version) = refusal.expect("a refusal frame");
     assert_eq!(version, PROTOCOL_VERSION);
-    assert!(
-        reason.contains("unsupported protocol version 2"),
-        "{reason}"
-    );
+    assert!(reason.contains("unsupported protocol version 2"), "{reason}");
     assert!(closed(&outputs).is_some());
 }
 
@@ -238,14 +161,9 @@ fn an_oversized_frame_closes_the_connection_before_its_body_arrives() {
     connect(&mut node, Instant::now());
     node.handle_input(
         Instant::now(),
-        Input::Received {
-            conn: CONN,
-            bytes: u32::MAX.to_be_bytes().to_vec(),
-        },
+        Input::Received { conn: CONN, bytes: u32::MAX.to_be_bytes().to_vec() },
     );
-    assert!(closed(&drain(&mut node))
-        .unwrap()
-        .contains("exceeds the limit"));
+    assert!(closed(&drain(&mut node)).unwrap().contains("exceeds the limit"));
 }
 
 #[test]
@@ -256,44 +174,18 @@ fn a_write_is_answered_only_after_its_store_task_commits_and_only_then_offered_t
     let doc_id = DocId::from_slice(&[5; 16]).unwrap();
     let ops: Vec<Op> =
         serde_json::from_value(json!([{"op": "set", "path": ["a"], "value": 1}])).unwrap();
-    let request = Request::Create {
-        doc_id,
-        collection: "c".parse().unwrap(),
-        ops,
-    };
+    let request = Request::Create { doc_id, collection: "c".parse().unwrap(), ops };
     node.handle_input(now, Input::Request { id: 1, request });
     let outputs = drain(&mut node);
-    assert_eq!(
-        outputs.len(),
-        1,
-        "only the store task, no answer and no sync yet: {outputs:?}"
-    );
-    let Output::Store {
-        task,
-        action: StoreTask::Append { changes, .. },
-    } = &outputs[0]
-    else {
+    assert_eq!(outputs.len(), 1, "only the store task, no answer and no sync yet: {outputs:?}");
+    let Output::Store { task, action: StoreTask::Append { changes, .. } } = &outputs[0] else {
         panic!("{outputs:?}")
     };
     assert_eq!(changes.len(), 1);
-    node.handle_input(
-        now,
-        Input::StoreDone {
-            task: *task,
-            reply: StoreReply::Committed,
-        },
-    );
+    node.handle_input(now, Input::StoreDone { task: *task, reply: StoreReply::Committed });
     let outputs = drain(&mut node);
-    assert!(matches!(
-        &outputs[0],
-        Output::Respond {
-            id: 1,
-            result: Ok(Response::Written { .. })
-        }
-    ));
-    assert!(sent_messages(&outputs)
-        .iter()
-        .any(|m| matches!(m, Message::DocSync { .. })));
+    assert!(matches!(&outputs[0], Output::Respond { id: 1, result: Ok(Response::Written { .. }) }));
+    assert!(sent_messages(&outputs).iter().any(|m| matches!(m, Message::DocSync { .. })));
 }
 
 #[test]
@@ -304,13 +196,7 @@ fn a_peer_clock_far_ahead_is_counted_and_does_not_drag_ours() {
     let before = node.clock().new_timestamp();
     let ahead = uhlc::NTP64(fixed_clock().0 + (3600u64 << 32));
     let inventory = frame(Message::Inventory { entries: vec![] }, ahead);
-    node.handle_input(
-        now,
-        Input::Received {
-            conn: CONN,
-            bytes: inventory,
-        },
-    );
+    node.handle_input(now, Input::Received { conn: CONN, bytes: inventory });
     assert_eq!(node.stats().clock_drift_rejections, 1);
     assert_eq!(closed(&drain(&mut node)), None, "the peer stays connected");
     let after = node.clock().new_timestamp();
@@ -355,10 +241,7 @@ fn a_node_says_nothing_about_a_document_until_received_changes_are_committed() {
     let first = remote.generate_sync_message(&mut state).unwrap().encode();
     node.handle_input(
         now,
-        Input::Received {
-            conn: CONN,
-            bytes: frame(doc_sync(first), fixed_clock()),
-        },
+        Input::Received { conn: CONN, bytes: frame(doc_sync(first), fixed_clock()) },
     );
     for reply in sent_messages(&drain(&mut node)) {
         if let Message::DocSync { sync_message, .. } = reply {
@@ -367,44 +250,16 @@ fn a_node_says_nothing_about_a_document_until_received_changes_are_committed() {
         }
     }
     // Round two carries the change itself.
-    let with_change = frame(
-        doc_sync(remote.generate_sync_message(&mut state).unwrap().encode()),
-        fixed_clock(),
-    );
-    node.handle_input(
-        now,
-        Input::Received {
-            conn: CONN,
-            bytes: with_change.clone(),
-        },
-    );
+    let with_change =
+        frame(doc_sync(remote.generate_sync_message(&mut state).unwrap().encode()), fixed_clock());
+    node.handle_input(now, Input::Received { conn: CONN, bytes: with_change.clone() });
     let outputs = drain(&mut node);
-    let Some(Output::Store { task, .. }) = outputs.first() else {
-        panic!("{outputs:?}")
-    };
-    assert!(
-        sent_messages(&outputs).is_empty(),
-        "no reply before the commit"
-    );
+    let Some(Output::Store { task, .. }) = outputs.first() else { panic!("{outputs:?}") };
+    assert!(sent_messages(&outputs).is_empty(), "no reply before the commit");
     // A duplicate while the commit is pending must not reveal the uncommitted heads either.
-    node.handle_input(
-        now,
-        Input::Received {
-            conn: CONN,
-            bytes: with_change,
-        },
-    );
+    node.handle_input(now, Input::Received { conn: CONN, bytes: with_change });
     assert!(sent_messages(&drain(&mut node)).is_empty());
-    node.handle_input(
-        now,
-        Input::StoreDone {
-            task: *task,
-            reply: StoreReply::Committed,
-        },
-    );
+    node.handle_input(now, Input::StoreDone { task: *task, reply: StoreReply::Committed });
     let replies = sent_messages(&drain(&mut node));
-    assert!(
-        matches!(replies.as_slice(), [Message::DocSync { .. }]),
-        "{replies:?}"
-    );
+    assert!(matches!(replies.as_slice(), [Message::DocSync { .. }]), "{replies:?}");
 }

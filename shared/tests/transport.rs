@@ -49,10 +49,7 @@ async fn wait_for_heads(node: &RunningNode, doc_id: DocId, heads: &[String]) -> 
                 return doc;
             }
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "node never reached heads {heads:?}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "node never reached heads {heads:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -65,12 +62,7 @@ async fn a_write_crosses_quic_to_the_hub_and_survives_a_restart_of_both() {
     let endpoint =
         quic::server_endpoint(&hub.identity, "127.0.0.1:0".parse().unwrap(), &timing).unwrap();
     let hub_addr = endpoint.local_addr().unwrap();
-    tokio::spawn(quic::accept_loop(
-        endpoint,
-        hub.handle.clone(),
-        16,
-        std::future::pending(),
-    ));
+    tokio::spawn(quic::accept_loop(endpoint, hub.handle.clone(), 16, std::future::pending()));
 
     let agent = RunningNode::start(&setup(Role::Agent, &root, "agent", "ca")).unwrap();
     let client = quic::client_endpoint(&agent.identity, &timing).unwrap();
@@ -87,16 +79,10 @@ async fn a_write_crosses_quic_to_the_hub_and_survives_a_restart_of_both() {
         serde_json::from_value(json!([{"op": "set", "path": ["reading"], "value": 21.5}])).unwrap();
     let answer = agent
         .handle
-        .request(Request::Create {
-            doc_id,
-            collection: "sensors".parse().unwrap(),
-            ops,
-        })
+        .request(Request::Create { doc_id, collection: "sensors".parse().unwrap(), ops })
         .await
         .unwrap();
-    let Response::Written { heads, .. } = answer else {
-        panic!("{answer:?}")
-    };
+    let Response::Written { heads, .. } = answer else { panic!("{answer:?}") };
     let on_hub = wait_for_heads(&hub, doc_id, &heads).await;
     assert_eq!(on_hub, json!({"reading": 21.5}));
 
@@ -105,14 +91,8 @@ async fn a_write_crosses_quic_to_the_hub_and_survives_a_restart_of_both() {
     hub.stop().await.unwrap();
     for name in ["hub", "agent"] {
         let restarted = RunningNode::start(&setup(Role::Agent, &root, name, "ca")).unwrap();
-        let (have, doc) = read(&restarted, doc_id)
-            .await
-            .expect("document after restart");
-        assert_eq!(
-            (have, doc),
-            (heads.clone(), json!({"reading": 21.5})),
-            "{name} after restart"
-        );
+        let (have, doc) = read(&restarted, doc_id).await.expect("document after restart");
+        assert_eq!((have, doc), (heads.clone(), json!({"reading": 21.5})), "{name} after restart");
         restarted.stop().await.unwrap();
     }
     std::fs::remove_dir_all(&root).unwrap();
@@ -126,12 +106,7 @@ async fn a_node_with_a_certificate_from_another_ca_is_refused_by_tls() {
     let endpoint =
         quic::server_endpoint(&hub.identity, "127.0.0.1:0".parse().unwrap(), &timing).unwrap();
     let hub_addr = endpoint.local_addr().unwrap();
-    tokio::spawn(quic::accept_loop(
-        endpoint,
-        hub.handle.clone(),
-        16,
-        std::future::pending(),
-    ));
+    tokio::spawn(quic::accept_loop(endpoint, hub.handle.clone(), 16, std::future::pending()));
 
     let stranger = RunningNode::start(&setup(Role::Agent, &root, "stranger", "other-ca")).unwrap();
     let client = quic::client_endpoint(&stranger.identity, &timing).unwrap();

@@ -11,31 +11,19 @@ pub type End = usize;
 #[derive(Debug)]
 pub enum Event {
     /// Bytes sent on a link reach the other end.
-    Arrive {
-        link: usize,
-        generation: u64,
-        to: End,
-        bytes: Vec<u8>,
-    },
+    Arrive { link: usize, generation: u64, to: End, bytes: Vec<u8> },
     /// Bytes the carrier held back are released.
-    Flush {
-        link: usize,
-        generation: u64,
-        to: End,
-    },
+    Flush { link: usize, generation: u64, to: End },
     /// The transport notices that a connection is gone; it reconnects after `outage`.
-    LinkDown {
-        link: usize,
-        generation: u64,
-        outage: Duration,
-    },
+    LinkDown { link: usize, generation: u64, outage: Duration },
     /// A link connects, if both ends are running and it is down.
     LinkUp { link: usize },
     /// A store finishes its oldest task (ignored if the node crashed since).
     StoreTick { node: usize, incarnation: u32 },
     /// A client writes to a node.
     Write { node: usize },
-    /// A link silently loses everything for a while; the connection stays up.
+    /// A link silently loses everything sent for a while; a connection that stays silent past the
+    /// idle timeout dies too.
     Partition { link: usize, length: Duration },
     /// A link drops; both ends see the connection close and reconnect after `outage`.
     Flap { link: usize, outage: Duration },

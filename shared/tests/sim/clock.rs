@@ -24,11 +24,7 @@ pub fn virtual_clock() -> uhlc::NTP64 {
 pub fn set_wall_clock(elapsed: Duration, skew_ms: i64) {
     let unskewed = Duration::from_secs(EPOCH_UNIX_SECS) + elapsed;
     let skew = Duration::from_millis(skew_ms.unsigned_abs());
-    let wall = if skew_ms >= 0 {
-        unskewed + skew
-    } else {
-        unskewed - skew
-    };
+    let wall = if skew_ms >= 0 { unskewed + skew } else { unskewed - skew };
     let nanos = u64::try_from(wall.as_nanos()).expect("virtual wall time fits in u64 nanoseconds");
     WALL_NANOS.with(|cell| cell.set(nanos));
 }
@@ -36,11 +32,7 @@ pub fn set_wall_clock(elapsed: Duration, skew_ms: i64) {
 /// An HLC on the virtual clock that refuses peer timestamps more than `max_drift` ahead.
 pub fn hlc(id: [u8; 16], max_drift: Duration) -> uhlc::HLC {
     let id = uhlc::ID::try_from(id).expect("simulated HLC ids are never zero");
-    uhlc::HLCBuilder::new()
-        .with_id(id)
-        .with_clock(virtual_clock)
-        .with_max_delta(max_drift)
-        .build()
+    uhlc::HLCBuilder::new().with_id(id).with_clock(virtual_clock).with_max_delta(max_drift).build()
 }
 
 /// The `Instant` virtual time zero maps to. Only differences from it are ever used, so which

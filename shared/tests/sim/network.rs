@@ -2,8 +2,8 @@
 //! partitions, and a byte stream that arrives split and joined at random.
 //!
 //! Faults act on whole `Transmit`s, which are whole frames, so a lost frame never leaves a
-//! half frame in the receiver's buffer. Splitting and joining act on the bytes delivered, in
-//! order, which is what any stream transport may do.
+//! half frame in the receiver's buffer; hellos are spared (see [`Network::send`]). Splitting and
+//! joining act on the bytes delivered, in order, which is what any stream transport may do.
 
 use std::time::Duration;
 
@@ -28,12 +28,8 @@ pub struct Faults {
 
 impl Faults {
     /// A carrier that delivers every frame once, in order.
-    pub const NONE: Faults = Faults {
-        drop: 0.0,
-        duplicate: 0.0,
-        reorder: 0.0,
-        max_reorder: Duration::ZERO,
-    };
+    pub const NONE: Faults =
+        Faults { drop: 0.0, duplicate: 0.0, reorder: 0.0, max_reorder: Duration::ZERO };
 }
 
 /// Chance that the carrier holds back the tail of what arrived, to deliver it joined with the next
@@ -55,7 +51,7 @@ struct Link {
     conns: Option<[ConnId; 2]>,
     /// Bumped at every disconnect, so bytes of an old connection never reach a new one.
     generation: u64,
-    /// Everything sent before this time is lost.
+    /// Everything sent until this time is lost.
     partitioned_until: Duration,
     /// Bytes held back by the carrier, toward each end.
     held: [Vec<u8>; 2],
@@ -87,11 +83,7 @@ impl Network {
                 held: [Vec::new(), Vec::new()],
             })
             .collect();
-        Self {
-            links,
-            next_conn: 1,
-            faults: Faults::NONE,
-        }
+        Self { links, next_conn: 1, faults: Faults::NONE }
     }
 
     /// Number of links.
@@ -106,18 +98,14 @@ impl Network {
 
     /// Links with `node` at one end.
     pub fn links_of(&self, node: usize) -> Vec<usize> {
-        (0..self.links.len())
-            .filter(|&l| self.links[l].ends.contains(&node))
-            .collect()
+        (0..self.links.len()).filter(|&l| self.links[l].ends.contains(&node)).collect()
     }
 
     /// The link and end a node's connection id belongs to, while that connection is current.
     pub fn find(&self, node: usize, conn: ConnId) -> Option<(usize, End)> {
         self.links.iter().enumerate().find_map(|(index, link)| {
             let conns = link.conns?;
-            (0..2)
-                .find(|&end| link.ends[end] == node && conns[end] == conn)
-                .map(|end| (index, end))
+            (0..2).find(|&end| link.ends[end] == node && conns[end] == conn).map(|end| (index, end))
         })
     }
 
@@ -164,6 +152,11 @@ impl Network {
         link.partitioned_until = link.partitioned_until.max(until);
     }
 
+    /// Until when a link is partitioned; connections cannot be set up before then.
+    pub fn partitioned_until(&self, link: usize) -> Duration {
+        self.links[link].partitioned_until
+    }
+
     /// Ends every partition and every fault.
     pub fn heal(&mut self) {
         for link in &mut self.links {
@@ -172,20 +165,26 @@ impl Network {
         self.faults = Faults::NONE;
     }
 
-    /// Puts one frame from end `from` on the wire, subject to faults.
+    /// Puts one frame from end `from` on the wire, subject to faults; returns how many copies
+    /// will arrive.
+    ///
+    /// A hello rides the transport's reliable connection setup and is never lost, doubled or
+    /// delayed: the core has no handshake timeout, so a connection whose hellos were both lost
+    /// would never become ready, and nothing would ever close it.
     pub fn send(
         &mut self,
         now: Duration,
         (link, from): (usize, End),
         bytes: Vec<u8>,
+        hello: bool,
         rng: &mut StdRng,
         agenda: &mut Agenda,
-    ) {
+    ) -> usize {
         let to = 1 - from;
-        let faults = self.faults;
+        let faults = if hello { Faults::NONE } else { self.faults };
         let state = &self.links[link];
         if now < state.partitioned_until || rng.gen_bool(faults.drop) {
-            return;
+            return 0;
         }
         let copies = if rng.gen_bool(faults.duplicate) { 2 } else { 1 };
         for _ in 0..copies {
@@ -194,19 +193,14 @@ impl Network {
                 delay += rng.gen_range(Duration::ZERO..=faults.max_reorder);
             }
             let generation = state.generation;
-            agenda.schedule(
-                now + delay,
-                Event::Arrive {
-                    link,
-                    generation,
-                    to,
-                    bytes: bytes.clone(),
-                },
-            );
+            let bytes = bytes.clone();
+            agenda.schedule(now + delay, Event::Arrive { link, generation, to, bytes });
         }
+        copies
     }
 
-    /// A frame reaches end `to`: returns what that node receives now, in order.
+    /// A frame reaches end `to`: returns what that node receives now, in order. (A partition
+    /// loses what is sent during it; what was already on the way still lands.)
     pub fn arrive(
         &mut self,
         now: Duration,
@@ -219,29 +213,16 @@ impl Network {
         let Some(conns) = state.conns.filter(|_| state.generation == generation) else {
             return Vec::new();
         };
-        if now < state.partitioned_until {
-            return Vec::new();
-        }
         let mut stream = std::mem::take(&mut state.held[to]);
         stream.extend_from_slice(&bytes);
         if stream.len() > 1 && rng.gen_bool(HOLD_BACK) {
             let cut = rng.gen_range(1..stream.len());
             state.held[to] = stream.split_off(cut);
             let release = now + Duration::from_millis(rng.gen_range(1..=20));
-            agenda.schedule(
-                release,
-                Event::Flush {
-                    link,
-                    generation,
-                    to,
-                },
-            );
+            agenda.schedule(release, Event::Flush { link, generation, to });
         }
         let node = state.ends[to];
-        cut_into_pieces(stream, rng)
-            .into_iter()
-            .map(|piece| (node, conns[to], piece))
-            .collect()
+        cut_into_pieces(stream, rng).into_iter().map(|piece| (node, conns[to], piece)).collect()
     }
 
     /// Releases bytes the carrier held back toward `to`.
@@ -249,11 +230,7 @@ impl Network {
         let state = &mut self.links[link];
         match state.conns {
             Some(conns) if state.generation == generation && !state.held[to].is_empty() => {
-                vec![(
-                    state.ends[to],
-                    conns[to],
-                    std::mem::take(&mut state.held[to]),
-                )]
+                vec![(state.ends[to], conns[to], std::mem::take(&mut state.held[to]))]
             }
             _ => Vec::new(),
         }

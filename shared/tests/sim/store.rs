@@ -63,12 +63,7 @@ impl SimStore {
 
     fn execute(&mut self, action: StoreTask) -> StoreReply {
         match action {
-            StoreTask::Append {
-                doc_id,
-                collection,
-                changes,
-                ..
-            } => {
+            StoreTask::Append { doc_id, collection, changes, .. } => {
                 let stored = self.documents.entry(doc_id).or_insert_with(|| StoredDoc {
                     doc_id,
                     collection: collection.clone(),

@@ -9,23 +9,12 @@ use serde_json::{json, Value as Json};
 
 const COLLECTIONS: [&str; 2] = ["plant-7/sensors", "fleet/trucks"];
 /// ASCII only: text indexes then mean the same in every text encoding.
-const WORDS: [&str; 8] = [
-    "pump",
-    "valve",
-    "temp",
-    "ok",
-    "alarm",
-    "flow",
-    "x",
-    "north wing",
-];
+const WORDS: [&str; 8] = ["pump", "valve", "temp", "ok", "alarm", "flow", "x", "north wing"];
 const META_KEYS: [&str; 4] = ["owner", "state", "zone", "note"];
 
 /// A collection for a new document.
 pub fn collection(rng: &mut StdRng) -> Collection {
-    COLLECTIONS[rng.gen_range(0..COLLECTIONS.len())]
-        .parse()
-        .expect("valid collection name")
+    COLLECTIONS[rng.gen_range(0..COLLECTIONS.len())].parse().expect("valid collection name")
 }
 
 /// A new document: text title, list of items, counter of hits, map of metadata.
@@ -42,9 +31,7 @@ pub fn create_ops(rng: &mut StdRng) -> Vec<Op> {
 pub fn edit_ops(rng: &mut StdRng, doc: &Json) -> Vec<Op> {
     let mut shape = Shape::of(doc);
     let count = rng.gen_range(1..=3);
-    to_ops(Json::Array(
-        (0..count).map(|_| random_op(rng, &mut shape)).collect(),
-    ))
+    to_ops(Json::Array((0..count).map(|_| random_op(rng, &mut shape)).collect()))
 }
 
 /// The parts of a document the edits touch, updated as a batch is generated, because the ops
@@ -57,15 +44,13 @@ struct Shape {
 
 impl Shape {
     fn of(doc: &Json) -> Self {
-        let title = doc["title"]
-            .as_str()
-            .unwrap_or_else(|| panic!("document without a text title: {doc}"));
+        let title =
+            doc["title"].as_str().unwrap_or_else(|| panic!("document without a text title: {doc}"));
         let items = doc["items"]
             .as_array()
             .unwrap_or_else(|| panic!("document without an item list: {doc}"));
-        let meta = doc["meta"]
-            .as_object()
-            .unwrap_or_else(|| panic!("document without a meta map: {doc}"));
+        let meta =
+            doc["meta"].as_object().unwrap_or_else(|| panic!("document without a meta map: {doc}"));
         Self {
             title_len: title.len(),
             items_len: items.len(),
@@ -106,9 +91,7 @@ fn random_op(rng: &mut StdRng, shape: &mut Shape) -> Json {
             json!({"op": "set", "path": ["meta", key], "value": value, "kind": kind})
         }
         8 if !shape.meta_keys.is_empty() => {
-            let key = shape
-                .meta_keys
-                .swap_remove(rng.gen_range(0..shape.meta_keys.len()));
+            let key = shape.meta_keys.swap_remove(rng.gen_range(0..shape.meta_keys.len()));
             json!({"op": "delete", "path": ["meta", key]})
         }
         _ => json!({"op": "increment", "path": ["hits"], "by": rng.gen_range(-3..=7)}),
