@@ -19,6 +19,9 @@ pub struct SyncConfig {
     pub compact_after_changes: usize,
     /// Largest clock drift accepted from a peer's timestamps, in milliseconds.
     pub max_clock_drift_ms: u64,
+    /// A connection whose peer has not said hello within this long is closed, in milliseconds,
+    /// so a silent client cannot hold a connection slot.
+    pub hello_timeout_ms: u64,
 }
 
 /// A configuration value is out of its allowed range.
@@ -39,6 +42,7 @@ impl SyncConfig {
             anti_entropy_interval_ms: 15_000,
             compact_after_changes: 512,
             max_clock_drift_ms: 500,
+            hello_timeout_ms: 10_000,
         }
     }
 
@@ -58,6 +62,9 @@ impl SyncConfig {
         }
         if self.anti_entropy_interval_ms < 10 {
             return Err(ConfigError("anti_entropy_interval_ms must be at least 10".into()));
+        }
+        if self.hello_timeout_ms < 10 {
+            return Err(ConfigError("hello_timeout_ms must be at least 10".into()));
         }
         if self.compact_after_changes == 0 {
             return Err(ConfigError("compact_after_changes must be at least 1".into()));

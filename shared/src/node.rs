@@ -16,7 +16,7 @@
 //!   connection with a [`Message::Refuse`] that says why.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use automerge::sync::{self, SyncDoc};
 use automerge::{ActorId, ChangeHash, ReadDoc};
@@ -397,7 +397,7 @@ impl Node {
     pub fn handle_input(&mut self, now: Instant, input: Input) {
         self.next_anti_entropy.get_or_insert(now + self.config.anti_entropy_interval());
         match input {
-            Input::Connected { conn, peer } => self.on_connected(conn, peer),
+            Input::Connected { conn, peer } => self.on_connected(now, conn, peer),
             Input::Received { conn, bytes } => self.on_received(conn, &bytes),
             Input::Disconnected { conn } => {
                 self.peers.remove(&conn);
@@ -409,12 +409,26 @@ impl Node {
 
     /// When [`Node::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        [self.next_anti_entropy, self.hub_acks.next_deadline()].into_iter().flatten().min()
+        let hello_deadline =
+            self.peers.values().filter(|p| !p.is_ready()).filter_map(|p| p.hello_deadline).min();
+        [self.next_anti_entropy, self.hub_acks.next_deadline(), hello_deadline]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Runs timers that are due: periodic anti-entropy with every replicating peer, and
     /// durability waits that reached their deadline.
     pub fn handle_timeout(&mut self, now: Instant) {
+        let silent: Vec<ConnId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| !p.is_ready() && p.hello_deadline.is_some_and(|d| d <= now))
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in silent {
+            self.refuse(conn, "no hello in time".into());
+        }
         for request in self.hub_acks.expired(now) {
             let report = DurabilityReport { local: true, hub: false };
             self.outputs.push_back(Output::Respond {
@@ -439,8 +453,10 @@ impl Node {
         self.outputs.pop_front()
     }
 
-    fn on_connected(&mut self, conn: ConnId, peer: NodeId) {
-        self.peers.insert(conn, Peer::new(peer, self.config.max_frame_bytes));
+    fn on_connected(&mut self, now: Instant, conn: ConnId, peer: NodeId) {
+        let mut state = Peer::new(peer, self.config.max_frame_bytes);
+        state.hello_deadline = Some(now + Duration::from_millis(self.config.hello_timeout_ms));
+        self.peers.insert(conn, state);
         self.send(conn, Message::Hello { node_id: self.node_id, role: self.role });
     }
 

@@ -1,6 +1,7 @@
 //! What a node knows about one connection: handshake phase, frame buffer, sync states.
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use automerge::sync;
 
@@ -28,6 +29,8 @@ pub struct Peer {
     pub decoder: FrameDecoder,
     /// Automerge sync state per document, for this peer only.
     pub sync_states: BTreeMap<DocId, sync::State>,
+    /// When the connection is closed if the peer has still not said hello.
+    pub hello_deadline: Option<Instant>,
 }
 
 impl Peer {
@@ -38,6 +41,7 @@ impl Peer {
             phase: PeerPhase::AwaitingHello,
             decoder: FrameDecoder::new(max_frame_bytes),
             sync_states: BTreeMap::new(),
+            hello_deadline: None,
         }
     }
 

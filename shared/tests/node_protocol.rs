@@ -263,3 +263,17 @@ fn a_node_says_nothing_about_a_document_until_received_changes_are_committed() {
     let replies = sent_messages(&drain(&mut node));
     assert!(matches!(replies.as_slice(), [Message::DocSync { .. }]), "{replies:?}");
 }
+
+#[test]
+fn a_peer_that_never_says_hello_is_closed_after_the_hello_timeout() {
+    let mut node = node();
+    let now = Instant::now();
+    node.handle_input(now, Input::Connected { conn: CONN, peer: PEER });
+    drain(&mut node);
+    let deadline = now + Duration::from_millis(SyncConfig::hub().hello_timeout_ms);
+    assert_eq!(node.poll_timeout(), Some(deadline));
+    node.handle_timeout(deadline - Duration::from_millis(1));
+    assert_eq!(closed(&drain(&mut node)), None);
+    node.handle_timeout(deadline);
+    assert_eq!(closed(&drain(&mut node)), Some("no hello in time"));
+}

@@ -63,6 +63,15 @@ const CLOSE_GOING_AWAY: u16 = 1001;
 /// told why; beyond this the WebSocket layer refuses them by itself.
 const WEBSOCKET_SLACK_BYTES: usize = 64 * 1024;
 
+/// The collection of documents first synced through the endpoint, unless configured.
+pub const DEFAULT_COLLECTION: &str = "default";
+
+/// [`DEFAULT_COLLECTION`] as a collection.
+pub fn default_collection() -> Collection {
+    // A constant, valid name (a unit test parses it); this cannot fail.
+    DEFAULT_COLLECTION.parse().expect("the default collection name is valid")
+}
+
 /// Settings of the sync endpoint.
 #[derive(Debug, Clone)]
 pub struct SyncEndpoint {
@@ -292,6 +301,14 @@ impl Session {
     }
 
     async fn on_client_message(&mut self, message: RepoMessage) -> Step {
+        // Ephemeral messages keep their originator's id when clients pass them on.
+        if let RepoMessage::Ephemeral { sender_id, count, session_id, document_id, data, .. } =
+            message
+        {
+            let from_socket = self.socket_id;
+            let relayed = Relayed { from_socket, sender_id, count, session_id, document_id, data };
+            return self.on_ephemeral(relayed);
+        }
         if let Some(sender) = message.sender_id().filter(|s| **s != self.client) {
             let reason = format!("message from {sender} on the socket joined by {}", self.client);
             return Step::end(Ending::Protocol(reason));
@@ -303,18 +320,8 @@ impl Session {
                 self.on_request(document_id, data).await
             }
             RepoMessage::Sync { document_id, data, .. } => self.forward(document_id, data).await,
-            RepoMessage::Ephemeral { count, session_id, document_id, data, sender_id, .. } => {
-                self.relay(Relayed {
-                    from_socket: self.socket_id,
-                    sender_id,
-                    count,
-                    session_id,
-                    document_id,
-                    data,
-                });
-                Step::default()
-            }
-            RepoMessage::DocUnavailable { .. }
+            RepoMessage::Ephemeral { .. }
+            | RepoMessage::DocUnavailable { .. }
             | RepoMessage::RemoteSubscriptionChange { .. }
             | RepoMessage::RemoteHeadsChanged { .. } => Step::default(),
             RepoMessage::Leave { .. } => Step::end(Ending::Quiet),
@@ -416,19 +423,30 @@ impl Session {
         }
     }
 
-    fn relay(&self, message: Relayed) {
-        if message.data.len() > MAX_EPHEMERAL_BYTES {
-            tracing::debug!(client = %self.client, bytes = message.data.len(), "ephemeral message too large to relay");
-            return;
+    /// Relays an ephemeral message this client originated to every other client of this node
+    /// that syncs the document.
+    ///
+    /// automerge-repo clients pass on the ephemeral messages they receive, keeping the
+    /// original sender. Those copies are dropped: the relay already reached every client here.
+    fn on_ephemeral(&self, relayed: Relayed) -> Step {
+        if relayed.sender_id != self.client {
+            return Step::default();
+        }
+        if relayed.data.len() > MAX_EPHEMERAL_BYTES {
+            let bytes = relayed.data.len();
+            tracing::debug!(client = %self.client, bytes, "ephemeral message too large to relay");
+            return Step::default();
         }
         // No receivers is fine: nobody else is connected.
-        let _ = self.bridge.relay.send(Arc::new(message));
+        let _ = self.bridge.relay.send(Arc::new(relayed));
+        Step::default()
     }
 
     fn on_relay(&self, relayed: Result<Arc<Relayed>, broadcast::error::RecvError>) -> Step {
         match relayed {
             Ok(message)
                 if message.from_socket != self.socket_id
+                    && message.sender_id != self.client
                     && self.followed.contains(&message.document_id) =>
             {
                 Step::send(RepoMessage::Ephemeral {
@@ -488,4 +506,20 @@ fn clock_id(peer: NodeId) -> uhlc::ID {
 fn now(id: uhlc::ID) -> uhlc::Timestamp {
     let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     uhlc::Timestamp::new(uhlc::NTP64::from(since_epoch), id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_collection_is_a_valid_name() {
+        assert_eq!(default_collection().as_str(), DEFAULT_COLLECTION);
+    }
+
+    #[test]
+    fn client_frames_carry_a_valid_clock_id() {
+        let stamp = now(clock_id(NodeId::from_bytes([0; 16])));
+        assert!(stamp.get_time().as_secs() > 0);
+    }
 }
