@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use cairn_shared::config::SyncConfig;
+use cairn_shared::ids::Collection;
 use cairn_shared::io::quic::LinkTiming;
+use cairn_shared::io::repo_ws;
 use cairn_shared::io::runtime::{default_home, IdentityConfig};
 use clap::Parser;
 use serde::Deserialize;
@@ -49,6 +51,9 @@ pub struct HubConfig {
     pub identity: IdentityConfig,
     /// Sync tuning.
     pub sync: SyncConfig,
+    /// The collection a document goes into when an automerge-repo client (`/v1/sync`) is
+    /// the first to sync it to this node.
+    pub sync_collection: Collection,
     /// Heartbeat timing.
     pub link: LinkTiming,
 }
@@ -63,6 +68,7 @@ impl Default for HubConfig {
             max_connections: 10_000,
             identity: IdentityConfig::default(),
             sync: SyncConfig::hub(),
+            sync_collection: repo_ws::default_collection(),
             link: LinkTiming::default(),
         }
     }
@@ -116,6 +122,7 @@ mod tests {
         assert_eq!(parsed.certificate_names, defaults.certificate_names);
         assert_eq!(parsed.max_connections, defaults.max_connections);
         assert_eq!(parsed.sync, defaults.sync);
+        assert_eq!(parsed.sync_collection, defaults.sync_collection);
         assert_eq!(parsed.link, defaults.link);
     }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use anyhow::Context;
 use cairn_shared::io::runtime::{shutdown_signal, NodeSetup, RunningNode};
-use cairn_shared::io::{doc_api, ops_http, quic};
+use cairn_shared::io::{doc_api, ops_http, quic, repo_ws};
 use cairn_shared::message::Role;
 use clap::Parser;
 use tokio::sync::watch;
@@ -47,8 +47,13 @@ async fn main() -> anyhow::Result<()> {
         config.max_connections,
         wait_for(stop_rx.clone()),
     ));
+    let sync = repo_ws::SyncEndpoint {
+        collection: config.sync_collection.clone(),
+        max_frame_bytes: config.sync.max_frame_bytes,
+    };
     let app = ops_http::ops_router(node.ops.clone())
-        .merge(doc_api::read_router(doc_api::ApiState::of(&node)));
+        .merge(doc_api::read_router(doc_api::ApiState::of(&node)))
+        .merge(repo_ws::router(node.handle.clone(), sync));
     node.ops.ready.store(true, Ordering::Relaxed);
     // Tests and scripts read this line; logs go to stderr.
     println!(

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use cairn_shared::config::SyncConfig;
+use cairn_shared::ids::Collection;
 use cairn_shared::io::quic::LinkTiming;
+use cairn_shared::io::repo_ws;
 use cairn_shared::io::runtime::{default_home, IdentityConfig};
 use clap::Parser;
 use serde::Deserialize;
@@ -61,6 +63,9 @@ pub struct AgentConfig {
     pub identity: IdentityConfig,
     /// Sync tuning.
     pub sync: SyncConfig,
+    /// The collection a document goes into when an automerge-repo client (`/v1/sync`) is
+    /// the first to sync it to this node.
+    pub sync_collection: Collection,
     /// Heartbeat and reconnect timing.
     pub link: LinkTiming,
 }
@@ -76,6 +81,7 @@ impl Default for AgentConfig {
             api_token: None,
             identity: IdentityConfig::default(),
             sync: SyncConfig::edge(),
+            sync_collection: repo_ws::default_collection(),
             link: LinkTiming::default(),
         }
     }
@@ -138,6 +144,7 @@ mod tests {
         assert_eq!(parsed.hub, defaults.hub);
         assert_eq!(parsed.api_listen, defaults.api_listen);
         assert_eq!(parsed.sync, defaults.sync);
+        assert_eq!(parsed.sync_collection, defaults.sync_collection);
         assert_eq!(parsed.link, defaults.link);
         assert_eq!(parsed.identity, defaults.identity);
     }

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use anyhow::Context;
 use cairn_shared::io::runtime::{shutdown_signal, NodeSetup, RunningNode};
-use cairn_shared::io::{doc_api, ops_http, quic};
+use cairn_shared::io::{doc_api, ops_http, quic, repo_ws};
 use cairn_shared::message::Role;
 use clap::Parser;
 
@@ -41,7 +41,12 @@ async fn main() -> anyhow::Result<()> {
         node.handle.clone(),
         config.link,
     ));
-    let app = doc_api::router(doc_api::ApiState::of(&node));
+    let sync = repo_ws::SyncEndpoint {
+        collection: config.sync_collection.clone(),
+        max_frame_bytes: config.sync.max_frame_bytes,
+    };
+    let app = doc_api::router(doc_api::ApiState::of(&node))
+        .merge(repo_ws::router(node.handle.clone(), sync));
     let app = doc_api::require_token(app, config.api_token.clone())
         .merge(ops_http::ops_router(node.ops.clone()));
     let node_id = node.identity.node_id;

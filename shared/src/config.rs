@@ -46,9 +46,10 @@ impl SyncConfig {
         }
     }
 
-    /// Preset for hubs: larger frames for bulk catch-up.
+    /// Preset for hubs: repair rounds less often, since a hub has many peers. Frame limits stay
+    /// equal on both sides: a frame one side may send, the other must accept.
     pub fn hub() -> Self {
-        Self { max_frame_bytes: 32 * 1024 * 1024, anti_entropy_interval_ms: 30_000, ..Self::edge() }
+        Self { anti_entropy_interval_ms: 30_000, ..Self::edge() }
     }
 
     /// Checks every value against its range.

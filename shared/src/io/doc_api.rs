@@ -568,7 +568,7 @@ mod tests {
             spec["paths"].as_object().unwrap().keys().cloned().collect();
         let mut served = routes_in(include_str!("doc_api.rs"));
         served.extend(routes_in(include_str!("ops_http.rs")));
-        served.insert("/v1/sync".to_owned());
+        served.extend(routes_in(include_str!("repo_ws.rs")));
         assert_eq!(documented, served);
     }
 

@@ -90,7 +90,7 @@ pub fn router(node: NodeHandle, endpoint: SyncEndpoint) -> Router {
         endpoint,
         relay,
         clients: Arc::new(Semaphore::new(MAX_CLIENTS)),
-        next_socket: Arc::new(AtomicU64::new(1)),
+        next_socket: AtomicU64::new(1),
     };
     Router::new().route(SYNC_PATH, get(upgrade)).with_state(Arc::new(bridge))
 }
@@ -103,7 +103,7 @@ struct Bridge {
     our_id: PeerId,
     relay: broadcast::Sender<Arc<Relayed>>,
     clients: Arc<Semaphore>,
-    next_socket: Arc<AtomicU64>,
+    next_socket: AtomicU64,
 }
 
 /// An ephemeral message on its way to the node's other clients.
@@ -171,6 +171,7 @@ async fn serve(bridge: Arc<Bridge>, mut socket: WebSocket) {
     let mut session = Session {
         socket_id: bridge.next_socket.fetch_add(1, Ordering::Relaxed),
         clock_id: clock_id(peer_node),
+        peer_node,
         bridge: bridge.clone(),
         client: client.clone(),
         conn,
@@ -239,6 +240,8 @@ struct Session {
     client: PeerId,
     conn: ConnId,
     socket_id: u64,
+    /// The node id the client is known by inside the node (a hash of its peer id).
+    peer_node: NodeId,
     clock_id: uhlc::ID,
     /// Reassembles the node's frames for this connection.
     decoder: FrameDecoder,
@@ -254,7 +257,7 @@ impl Session {
         mut frames: mpsc::Receiver<WriterMessage>,
     ) -> Ending {
         let mut relayed = self.bridge.relay.subscribe();
-        let role = Message::Hello { node_id: self.peer_node(), role: Role::Client };
+        let role = Message::Hello { node_id: self.peer_node, role: Role::Client };
         let mut step = match self.to_node(role).await {
             Some(ending) => Step::end(ending),
             None => Step::send(self.peer_message()),
@@ -275,10 +278,6 @@ impl Session {
                 relay = relayed.recv() => self.on_relay(relay),
             };
         }
-    }
-
-    fn peer_node(&self) -> NodeId {
-        NodeId::from_public_key(self.client.as_str().as_bytes())
     }
 
     fn peer_message(&self) -> RepoMessage {
@@ -479,7 +478,7 @@ async fn close(bridge: &Bridge, socket: &mut WebSocket, client: Option<&PeerId>,
         Ending::Protocol(reason) => (reason, CLOSE_PROTOCOL_ERROR),
         Ending::Node(reason) => (reason, CLOSE_GOING_AWAY),
     };
-    tracing::info!(client = ?client.map(PeerId::as_str), %reason, "closing sync socket");
+    tracing::debug!(client = ?client.map(PeerId::as_str), %reason, "closing sync socket");
     let error = RepoMessage::Error {
         sender_id: Some(bridge.our_id.clone()),
         target_id: client.cloned(),
