@@ -319,6 +319,8 @@ pub struct Node {
     outputs: VecDeque<Output>,
     next_anti_entropy: Option<Instant>,
     hub_acks: HubAcks,
+    /// Reads waiting for a document's appends to commit.
+    parked_reads: BTreeMap<DocId, Vec<(RequestId, Request)>>,
     stats: NodeStats,
 }
 
@@ -357,6 +359,7 @@ impl Node {
             outputs: VecDeque::new(),
             next_anti_entropy: None,
             hub_acks: HubAcks::default(),
+            parked_reads: BTreeMap::new(),
             stats: NodeStats::default(),
         }
     }
@@ -620,15 +623,10 @@ impl Node {
             Request::Import { doc_id, collection, bytes } => {
                 self.import(id, doc_id, collection, &bytes)
             }
-            Request::ReadAt { doc_id, heads } => Some(self.read_at(doc_id, &heads)),
-            Request::History { doc_id, offset, limit } => Some(self.live(doc_id).map(|d| {
-                let (changes, total) = d.history(offset, limit);
-                Response::History { changes, total }
-            })),
-            Request::Export { doc_id } => {
-                Some(self.live(doc_id).map(|d| Response::Bytes(d.doc.save())))
-            }
-            Request::Read { doc_id } => self.read(doc_id),
+            read @ (Request::Read { .. }
+            | Request::ReadAt { .. }
+            | Request::History { .. }
+            | Request::Export { .. }) => self.read_committed(id, read),
         };
         if let Some(result) = result {
             self.outputs.push_back(Output::Respond { id, result });
@@ -752,13 +750,42 @@ impl Node {
         }
     }
 
-    fn read(&self, doc_id: DocId) -> Option<Result<Response, RequestError>> {
-        Some(self.live(doc_id).map(|document| Response::Document {
+    /// Answers a read from committed state only: while the document has appends in flight,
+    /// the read waits for them, so nothing is ever shown that a crash could take back.
+    fn read_committed(
+        &mut self,
+        id: RequestId,
+        request: Request,
+    ) -> Option<Result<Response, RequestError>> {
+        let doc_id = match &request {
+            Request::Read { doc_id }
+            | Request::ReadAt { doc_id, .. }
+            | Request::History { doc_id, .. }
+            | Request::Export { doc_id } => *doc_id,
+            _ => return None,
+        };
+        if self.documents.get(&doc_id).is_some_and(|d| d.persisting > 0) {
+            self.parked_reads.entry(doc_id).or_default().push((id, request));
+            return None;
+        }
+        Some(match request {
+            Request::ReadAt { heads, .. } => self.read_at(doc_id, &heads),
+            Request::History { offset, limit, .. } => self.live(doc_id).map(|d| {
+                let (changes, total) = d.history(offset, limit);
+                Response::History { changes, total }
+            }),
+            Request::Export { .. } => self.live(doc_id).map(|d| Response::Bytes(d.doc.save())),
+            _ => self.read(doc_id),
+        })
+    }
+
+    fn read(&self, doc_id: DocId) -> Result<Response, RequestError> {
+        self.live(doc_id).map(|document| Response::Document {
             doc_id,
             collection: document.collection.clone(),
             heads: heads_hex(&document.doc.get_heads()),
             doc: document.to_json(),
-        }))
+        })
     }
 
     fn read_at(&self, doc_id: DocId, heads: &[String]) -> Result<Response, RequestError> {
@@ -919,6 +946,11 @@ impl Node {
         document.persisting = document.persisting.saturating_sub(1);
         if document.persisting == 0 {
             self.announce(doc_id);
+            for (id, request) in self.parked_reads.remove(&doc_id).unwrap_or_default() {
+                if let Some(result) = self.read_committed(id, request) {
+                    self.outputs.push_back(Output::Respond { id, result });
+                }
+            }
         }
     }
 
@@ -926,6 +958,10 @@ impl Node {
     fn reload(&mut self, doc_id: DocId) {
         self.stats.document_reloads += 1;
         self.documents.remove(&doc_id);
+        for (id, _) in self.parked_reads.remove(&doc_id).unwrap_or_default() {
+            self.outputs
+                .push_back(Output::Respond { id, result: Err(RequestError::Unavailable(doc_id)) });
+        }
         for peer in self.peers.values_mut() {
             peer.sync_states.remove(&doc_id);
         }

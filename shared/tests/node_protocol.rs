@@ -277,3 +277,24 @@ fn a_peer_that_never_says_hello_is_closed_after_the_hello_timeout() {
     node.handle_timeout(deadline);
     assert_eq!(closed(&drain(&mut node)), Some("no hello in time"));
 }
+
+#[test]
+fn a_read_during_an_uncommitted_write_waits_for_the_commit() {
+    let mut node = node();
+    let now = Instant::now();
+    with_document(&mut node, now);
+    let doc_id = DocId::from_slice(&[3; 16]).unwrap();
+    let ops: Vec<Op> =
+        serde_json::from_value(json!([{"op": "set", "path": ["k"], "value": "w"}])).unwrap();
+    node.handle_input(now, Input::Request { id: 1, request: Request::Edit { doc_id, ops } });
+    let Some(Output::Store { task, .. }) = drain(&mut node).into_iter().next() else { panic!() };
+    node.handle_input(now, Input::Request { id: 2, request: Request::Read { doc_id } });
+    assert!(drain(&mut node).is_empty(), "the read must not show the uncommitted write");
+    node.handle_input(now, Input::StoreDone { task, reply: StoreReply::Committed });
+    let outputs = drain(&mut node);
+    let read = outputs.iter().find_map(|o| match o {
+        Output::Respond { id: 2, result: Ok(Response::Document { doc, .. }) } => Some(doc.clone()),
+        _ => None,
+    });
+    assert_eq!(read, Some(json!({"k": "w"})));
+}
