@@ -12,7 +12,7 @@ use automerge::{ActorId, ChangeHash};
 use cairn_shared::config::SyncConfig;
 use cairn_shared::ids::{DocId, NodeId};
 use cairn_shared::message::{Message, Role};
-use cairn_shared::node::{ConnId, Input, Node, Output, RequestError, RequestId, Response, TaskId};
+use cairn_shared::node::{ConnId, Input, Node, Output, RequestId, TaskId};
 use cairn_shared::store_task::StoreTask;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -125,7 +125,6 @@ pub struct Slot {
     /// Its store.
     pub store: SimStore,
     writes: BTreeMap<RequestId, PendingWrite>,
-    last_read: Option<Result<Response, RequestError>>,
     /// Anti-entropy rounds since any node stored anything.
     quiet_rounds: u32,
 }
@@ -529,7 +528,6 @@ impl Slot {
             node: None,
             store: SimStore::default(),
             writes: BTreeMap::new(),
-            last_read: None,
             quiet_rounds: 0,
         }
     }

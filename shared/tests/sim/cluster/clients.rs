@@ -59,15 +59,14 @@ impl Cluster {
         self.note(|| format!("node {index} write {id} on {doc_id} made change {change}"));
     }
 
-    /// Reads a document through the request API, as a client would.
+    /// What a client editing through this node sees: the in-memory document, which edits
+    /// apply to. (Reads through the request API wait for in-flight appends to commit, so
+    /// they may lag it and would yield ops that no longer fit.)
     pub fn read(&mut self, index: usize, doc_id: DocId) -> Option<Json> {
         let id = self.next_request_id();
         self.drive(index, Input::Request { id, request: Request::Read { doc_id } });
-        match self.slots[index].last_read.take() {
-            Some(Ok(Response::Document { doc, .. })) => Some(doc),
-            Some(Err(RequestError::Unavailable(_))) => None,
-            other => self.fail(format!("read of {doc_id} on node {index} answered {other:?}")),
-        }
+        let node = self.node(index);
+        node.documents().find(|(id, _)| **id == doc_id).map(|(_, document)| document.to_json())
     }
 
     /// Records the answer to a write; an answer to anything else is the answer to a read.
@@ -78,8 +77,11 @@ impl Cluster {
         result: Result<Response, RequestError>,
     ) {
         let Some(write) = self.slots[index].writes.remove(&id) else {
-            self.slots[index].last_read = Some(result);
-            return;
+            // A read's answer: it must be a document, or the document is being reloaded.
+            match result {
+                Ok(Response::Document { .. }) | Err(RequestError::Unavailable(_)) => return,
+                other => self.fail(format!("read on node {index} answered {other:?}")),
+            }
         };
         match result {
             Ok(Response::Written { doc_id, heads }) if doc_id == write.doc_id => {
