@@ -109,6 +109,11 @@ pub enum Request {
     },
     /// Report the node's sync state (for `/v1/status`).
     Status,
+    /// Whether a document exists here (cheap: nothing is materialized).
+    Exists {
+        /// The document.
+        doc_id: DocId,
+    },
     /// Read a document as it was at `heads` (hex).
     ReadAt {
         /// The document.
@@ -186,6 +191,8 @@ pub enum Response {
     },
     /// Raw Automerge bytes.
     Bytes(Vec<u8>),
+    /// The document exists and is not deleted.
+    Exists,
 }
 
 /// The node's sync state, in answer to [`Request::Status`].
@@ -402,9 +409,7 @@ impl Node {
         match input {
             Input::Connected { conn, peer } => self.on_connected(now, conn, peer),
             Input::Received { conn, bytes } => self.on_received(conn, &bytes),
-            Input::Disconnected { conn } => {
-                self.peers.remove(&conn);
-            }
+            Input::Disconnected { conn } => self.on_disconnected(conn),
             Input::Request { id, request } => self.on_request(now, id, request),
             Input::StoreDone { task, reply } => self.on_store_done(task, reply),
         }
@@ -461,6 +466,22 @@ impl Node {
         state.hello_deadline = Some(now + Duration::from_millis(self.config.hello_timeout_ms));
         self.peers.insert(conn, state);
         self.send(conn, Message::Hello { node_id: self.node_id, role: self.role });
+    }
+
+    /// Forgets the peer, and any empty placeholder only a departing client had asked for, so
+    /// clients naming documents that never arrive cannot grow memory.
+    fn on_disconnected(&mut self, conn: ConnId) {
+        let Some(peer) = self.peers.remove(&conn) else { return };
+        if peer.replicates_everything() {
+            return;
+        }
+        for doc_id in peer.sync_states.keys() {
+            let orphan = self.documents.get(doc_id).is_some_and(|d| d.is_placeholder)
+                && !self.peers.values().any(|p| p.sync_states.contains_key(doc_id));
+            if orphan {
+                self.documents.remove(doc_id);
+            }
+        }
     }
 
     fn on_received(&mut self, conn: ConnId, bytes: &[u8]) {
@@ -612,6 +633,7 @@ impl Node {
                 last_hub_sync: self.last_hub_sync(),
                 clock: self.hlc.new_timestamp(),
             }))),
+            Request::Exists { doc_id } => Some(self.live(doc_id).map(|_| Response::Exists)),
             Request::AwaitHub { doc_id, heads, deadline } => {
                 self.await_hub(now, id, doc_id, &heads, deadline)
             }

@@ -337,7 +337,7 @@ impl Session {
     /// A `request` names a document the client lacks; if we lack it too, say so at once.
     async fn on_request(&mut self, document_id: DocId, data: Vec<u8>) -> Step {
         if !self.followed.contains(&document_id) {
-            match self.bridge.node.request(Request::Read { doc_id: document_id }).await {
+            match self.bridge.node.request(Request::Exists { doc_id: document_id }).await {
                 Ok(_) | Err(DriverError::Request(RequestError::Unavailable(_))) => {}
                 Err(DriverError::Request(_)) => {
                     return Step::send(RepoMessage::DocUnavailable {
