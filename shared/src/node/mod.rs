@@ -1,0 +1,325 @@
+//! The sync core of one node: a deterministic state machine with no I/O.
+//!
+//! The control loop, as a driver runs it:
+//! 1. feed an [`Input`] (transport bytes, a connection event, a local request, a store reply)
+//!    through [`Node::handle_input`], or call [`Node::handle_timeout`] when
+//!    [`Node::poll_timeout`] is due;
+//! 2. drain [`Node::poll_output`] and carry out each [`Output`] (send bytes, close a
+//!    connection, run a store task, answer a request);
+//! 3. repeat.
+//!
+//! Invariants:
+//! - A local write is answered only after the store reports its task committed.
+//! - After the node applies changes from anywhere, it tells its peers only once those changes are
+//!   committed, so a hub never advertises heads it could lose in a crash.
+//! - Input from a peer never panics the node: framing, decoding and Automerge errors close that
+//!   connection with a [`Message::Refuse`] that says why.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Instant;
+
+use automerge::{ActorId, ChangeHash};
+
+use crate::config::SyncConfig;
+use crate::document::{heads_hex, Document, DocumentError};
+use crate::durability::HubAcks;
+use crate::ids::{DocId, NodeId};
+use crate::message::Role;
+use crate::peer::{Peer, PeerPhase};
+use crate::store_task::{StoreReply, StoreTask, StoredDoc};
+
+mod peering;
+mod requests;
+mod types;
+
+pub use types::{
+    ConnId, DurabilityReport, Input, NodeStats, Output, Request, RequestError, RequestId, Response,
+    StatusReport, TaskId,
+};
+
+/// What to do when a store task completes.
+#[derive(Debug)]
+enum Pending {
+    /// Answer a write with the heads it produced, and announce the document.
+    Write { request: RequestId, doc_id: DocId, heads: Vec<String> },
+    /// Announce a document that received remote changes.
+    Announce { doc_id: DocId },
+    /// Nothing to do (compaction).
+    Nothing,
+    /// Put a reloaded document back.
+    Reload { doc_id: DocId },
+}
+
+/// The sync core of one node.
+pub struct Node {
+    node_id: NodeId,
+    role: Role,
+    actor: ActorId,
+    hlc: uhlc::HLC,
+    config: SyncConfig,
+    documents: BTreeMap<DocId, Document>,
+    /// Documents whose in-memory copy was discarded and is being read back from the store.
+    reloading: BTreeMap<DocId, ()>,
+    peers: BTreeMap<ConnId, Peer>,
+    pending: BTreeMap<TaskId, Pending>,
+    next_task: TaskId,
+    outputs: VecDeque<Output>,
+    next_anti_entropy: Option<Instant>,
+    hub_acks: HubAcks,
+    /// Reads waiting for a document's appends to commit.
+    parked_reads: BTreeMap<DocId, Vec<(RequestId, Request)>>,
+    stats: NodeStats,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("node_id", &self.node_id)
+            .field("role", &self.role)
+            .field("documents", &self.documents.len())
+            .field("peers", &self.peers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// A node with no documents. `actor` must be fresh for every start of the process, so that
+    /// changes made before a crash and after it never share an (actor, sequence) pair.
+    pub fn new(
+        node_id: NodeId,
+        role: Role,
+        actor: ActorId,
+        hlc: uhlc::HLC,
+        config: SyncConfig,
+    ) -> Self {
+        Self {
+            node_id,
+            role,
+            actor,
+            hlc,
+            config,
+            documents: BTreeMap::new(),
+            reloading: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            next_task: 0,
+            outputs: VecDeque::new(),
+            next_anti_entropy: None,
+            hub_acks: HubAcks::default(),
+            parked_reads: BTreeMap::new(),
+            stats: NodeStats::default(),
+        }
+    }
+
+    /// Adds a document read from the store at start-up.
+    pub fn load(&mut self, stored: &StoredDoc) -> Result<(), DocumentError> {
+        let document = Document::load(stored, self.actor.clone())?;
+        self.documents.insert(stored.doc_id, document);
+        Ok(())
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// The node's hybrid logical clock.
+    pub fn clock(&self) -> &uhlc::HLC {
+        &self.hlc
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> &NodeStats {
+        &self.stats
+    }
+
+    /// Documents in memory.
+    pub fn documents(&self) -> impl Iterator<Item = (&DocId, &Document)> {
+        self.documents.iter().filter(|(_, d)| !d.is_placeholder)
+    }
+
+    /// Connections whose handshake completed.
+    pub fn ready_peers(&self) -> usize {
+        self.peers.values().filter(|p| p.is_ready()).count()
+    }
+
+    /// Feeds one input.
+    pub fn handle_input(&mut self, now: Instant, input: Input) {
+        self.next_anti_entropy.get_or_insert(now + self.config.anti_entropy_interval());
+        match input {
+            Input::Connected { conn, peer } => self.on_connected(now, conn, peer),
+            Input::Received { conn, bytes } => self.on_received(conn, &bytes),
+            Input::Disconnected { conn } => self.on_disconnected(conn),
+            Input::Request { id, request } => self.on_request(now, id, request),
+            Input::StoreDone { task, reply } => self.on_store_done(task, reply),
+        }
+    }
+
+    /// When [`Node::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let hello_deadline =
+            self.peers.values().filter(|p| !p.is_ready()).filter_map(|p| p.hello_deadline).min();
+        [self.next_anti_entropy, self.hub_acks.next_deadline(), hello_deadline]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Runs timers that are due: periodic anti-entropy with every replicating peer, and
+    /// durability waits that reached their deadline.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let silent: Vec<ConnId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| !p.is_ready() && p.hello_deadline.is_some_and(|d| d <= now))
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in silent {
+            self.refuse(conn, "no hello in time".into());
+        }
+        for request in self.hub_acks.expired(now) {
+            let report = DurabilityReport { local: true, hub: false };
+            self.outputs.push_back(Output::Respond {
+                id: request,
+                result: Ok(Response::Durability(report)),
+            });
+        }
+        match self.next_anti_entropy {
+            Some(due) if due <= now => {}
+            _ => return,
+        }
+        self.next_anti_entropy = Some(now + self.config.anti_entropy_interval());
+        let conns: Vec<ConnId> =
+            self.peers.iter().filter(|(_, p)| p.replicates_everything()).map(|(c, _)| *c).collect();
+        for conn in conns {
+            self.send_inventory(conn);
+        }
+    }
+
+    /// The next thing the driver must do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// True while a hub is connected.
+    pub fn hub_connected(&self) -> bool {
+        self.peers.values().any(|p| p.phase == PeerPhase::Ready(Role::Hub))
+    }
+
+    /// Documents whose current heads no hub has acknowledged yet.
+    pub fn documents_pending_hub(&self) -> usize {
+        self.hub_acks.pending_documents(self.documents().map(|(id, d)| (id, d.doc.get_heads())))
+    }
+
+    /// HLC time of the last sync message from a hub.
+    pub fn last_hub_sync(&self) -> Option<uhlc::Timestamp> {
+        self.hub_acks.last_hub_sync()
+    }
+
+    /// Stores the changes made since `before`, and compacts when enough have piled up.
+    /// `origin` is the node the changes came from (this one for local writes); `reply_to` is
+    /// the local write waiting for this commit, if any.
+    fn persist(
+        &mut self,
+        doc_id: DocId,
+        before: &[ChangeHash],
+        origin: NodeId,
+        reply_to: Option<RequestId>,
+    ) {
+        let hlc = self.hlc.new_timestamp().get_time().as_u64();
+        let compact_after = self.config.compact_after_changes;
+        let Some(document) = self.documents.get_mut(&doc_id) else {
+            return;
+        };
+        let changes = document.changes_since(before);
+        let heads = document.doc.get_heads();
+        document.is_placeholder = false;
+        document.persisting += 1;
+        document.changes_since_snapshot += changes.len();
+        self.stats.changes_committed += changes.len() as u64;
+        let append = StoreTask::Append {
+            doc_id,
+            collection: document.collection.clone(),
+            changes,
+            heads: heads.iter().map(|h| h.0).collect(),
+            hlc,
+            origin,
+            deleted: document.is_deleted(),
+        };
+        let compact = (document.changes_since_snapshot >= compact_after).then(|| {
+            document.changes_since_snapshot = 0;
+            StoreTask::Compact { doc_id, snapshot: document.doc.save() }
+        });
+        let then = match reply_to {
+            Some(request) => Pending::Write { request, doc_id, heads: heads_hex(&heads) },
+            None => Pending::Announce { doc_id },
+        };
+        self.store(append, then);
+        if let Some(compact) = compact {
+            self.store(compact, Pending::Nothing);
+        }
+    }
+
+    fn store(&mut self, action: StoreTask, then: Pending) {
+        let task = self.next_task;
+        self.next_task += 1;
+        self.pending.insert(task, then);
+        self.outputs.push_back(Output::Store { task, action });
+    }
+
+    fn on_store_done(&mut self, task: TaskId, reply: StoreReply) {
+        match (self.pending.remove(&task), reply) {
+            (Some(Pending::Write { request, doc_id, heads }), _) => {
+                let result = Ok(Response::Written { doc_id, heads });
+                self.outputs.push_back(Output::Respond { id: request, result });
+                self.committed(doc_id);
+            }
+            (Some(Pending::Announce { doc_id }), _) => self.committed(doc_id),
+            (Some(Pending::Reload { doc_id }), StoreReply::Loaded(stored)) => {
+                self.reloading.remove(&doc_id);
+                if let Some(stored) = stored {
+                    if self.load(&stored).is_ok() {
+                        self.announce(doc_id);
+                    }
+                }
+            }
+            (Some(Pending::Nothing | Pending::Reload { .. }) | None, _) => {}
+        }
+    }
+
+    /// One append of `doc_id` committed; once none is outstanding, peers hear of it.
+    fn committed(&mut self, doc_id: DocId) {
+        let Some(document) = self.documents.get_mut(&doc_id) else {
+            return;
+        };
+        document.persisting = document.persisting.saturating_sub(1);
+        if document.persisting == 0 {
+            self.announce(doc_id);
+            for (id, request) in self.parked_reads.remove(&doc_id).unwrap_or_default() {
+                if let Some(result) = self.read_committed(id, request) {
+                    self.outputs.push_back(Output::Respond { id, result });
+                }
+            }
+        }
+    }
+
+    /// Discards a document that Automerge may have left inconsistent and reads it back.
+    fn reload(&mut self, doc_id: DocId) {
+        self.stats.document_reloads += 1;
+        self.documents.remove(&doc_id);
+        for (id, _) in self.parked_reads.remove(&doc_id).unwrap_or_default() {
+            self.outputs
+                .push_back(Output::Respond { id, result: Err(RequestError::Unavailable(doc_id)) });
+        }
+        for peer in self.peers.values_mut() {
+            peer.sync_states.remove(&doc_id);
+        }
+        self.reloading.insert(doc_id, ());
+        self.store(StoreTask::Load { doc_id }, Pending::Reload { doc_id });
+    }
+
+    fn commit_time_secs(&self) -> i64 {
+        let secs = self.hlc.new_timestamp().get_time().as_secs();
+        i64::from(secs)
+    }
+}

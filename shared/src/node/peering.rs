@@ -1,0 +1,269 @@
+//! The peer protocol: handshake, inventories, Automerge sync per document, refusals.
+
+use std::time::{Duration, Instant};
+
+use automerge::sync::{self, SyncDoc};
+use automerge::ChangeHash;
+
+use super::{ConnId, DurabilityReport, Node, Output, Response};
+use crate::document::{guarded, heads_digest, Document, DocumentError};
+use crate::frame::encode_frame;
+use crate::ids::{Collection, DocId, NodeId};
+use crate::message::{
+    Envelope, InventoryEntry, Message, Role, MAX_INVENTORY_ENTRIES_PER_MESSAGE, PROTOCOL_VERSION,
+};
+use crate::peer::{Peer, PeerPhase};
+
+impl Node {
+    pub(super) fn on_connected(&mut self, now: Instant, conn: ConnId, peer: NodeId) {
+        let mut state = Peer::new(peer, self.config.max_frame_bytes);
+        state.hello_deadline = Some(now + Duration::from_millis(self.config.hello_timeout_ms));
+        self.peers.insert(conn, state);
+        self.send(conn, Message::Hello { node_id: self.node_id, role: self.role });
+    }
+
+    /// Forgets the peer, and any empty placeholder only a departing client had asked for, so
+    /// clients naming documents that never arrive cannot grow memory.
+    pub(super) fn on_disconnected(&mut self, conn: ConnId) {
+        let Some(peer) = self.peers.remove(&conn) else { return };
+        if peer.replicates_everything() {
+            return;
+        }
+        for doc_id in peer.sync_states.keys() {
+            let orphan = self.documents.get(doc_id).is_some_and(|d| d.is_placeholder)
+                && !self.peers.values().any(|p| p.sync_states.contains_key(doc_id));
+            if orphan {
+                self.documents.remove(doc_id);
+            }
+        }
+    }
+
+    pub(super) fn on_received(&mut self, conn: ConnId, bytes: &[u8]) {
+        let Some(peer) = self.peers.get_mut(&conn) else {
+            return;
+        };
+        peer.decoder.push(bytes);
+        loop {
+            let Some(peer) = self.peers.get_mut(&conn) else {
+                return;
+            };
+            let frame = match peer.decoder.next_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return,
+                Err(error) => return self.refuse(conn, error.to_string()),
+            };
+            let envelope = match Envelope::decode(&frame) {
+                Ok(envelope) => envelope,
+                Err(error) => return self.refuse(conn, error.to_string()),
+            };
+            self.stats.frames_received += 1;
+            if self.hlc.update_with_timestamp(&envelope.sent_at).is_err() {
+                // Data still syncs; only the clock refuses to be dragged forward.
+                self.stats.clock_drift_rejections += 1;
+            }
+            self.on_message(conn, envelope.message);
+        }
+    }
+
+    pub(super) fn on_message(&mut self, conn: ConnId, message: Message) {
+        let Some(peer) = self.peers.get_mut(&conn) else {
+            return;
+        };
+        match (peer.phase, message) {
+            (PeerPhase::AwaitingHello, Message::Hello { node_id, role }) => {
+                if node_id != peer.node_id {
+                    let proven = peer.node_id;
+                    return self.refuse(
+                        conn,
+                        format!("hello names node {node_id}, certificate proves {proven}"),
+                    );
+                }
+                peer.phase = PeerPhase::Ready(role);
+                if role != Role::Client {
+                    self.send_inventory(conn);
+                }
+            }
+            (_, Message::Refuse { reason, .. }) => {
+                self.outputs
+                    .push_back(Output::Close { conn, reason: format!("peer refused: {reason}") });
+                self.peers.remove(&conn);
+            }
+            (PeerPhase::Ready(_), Message::Inventory { entries }) => {
+                self.on_inventory(conn, entries)
+            }
+            (PeerPhase::Ready(_), Message::DocSync { doc_id, collection, sync_message }) => {
+                self.on_doc_sync(conn, doc_id, collection, &sync_message)
+            }
+            (PeerPhase::Ready(_), Message::Hello { .. }) => {
+                self.refuse(conn, "second hello".into())
+            }
+            (PeerPhase::AwaitingHello, _) => self.refuse(conn, "expected hello first".into()),
+        }
+    }
+
+    /// For every document the peer lists that we lack or hold differently, start a fresh sync.
+    pub(super) fn on_inventory(&mut self, conn: ConnId, entries: Vec<InventoryEntry>) {
+        for entry in entries {
+            if self.reloading.contains_key(&entry.doc_id) {
+                continue;
+            }
+            let document = self
+                .documents
+                .entry(entry.doc_id)
+                .or_insert_with(|| Document::new(entry.collection.clone(), self.actor.clone()));
+            if document.collection != entry.collection {
+                continue;
+            }
+            if heads_digest(&document.doc.get_heads()) == entry.heads_digest {
+                continue;
+            }
+            if let Some(peer) = self.peers.get_mut(&conn) {
+                // A fresh state forgets anything a lost message left in flight.
+                peer.sync_states.insert(entry.doc_id, sync::State::new());
+            }
+            self.sync_with(conn, entry.doc_id);
+        }
+    }
+
+    pub(super) fn on_doc_sync(
+        &mut self,
+        conn: ConnId,
+        doc_id: DocId,
+        collection: Collection,
+        bytes: &[u8],
+    ) {
+        if self.reloading.contains_key(&doc_id) {
+            return; // The next anti-entropy round repairs what this drops.
+        }
+        let message = match sync::Message::decode(bytes) {
+            Ok(message) => message,
+            Err(error) => {
+                return self.refuse(conn, format!("bad sync message for {doc_id}: {error}"))
+            }
+        };
+        let actor = self.actor.clone();
+        let document = self
+            .documents
+            .entry(doc_id)
+            .or_insert_with(|| Document::new(collection.clone(), actor));
+        let Some(peer) = self.peers.get_mut(&conn) else {
+            return;
+        };
+        // Clients name documents by id only; their collection is a default for new ones.
+        if document.collection != collection && peer.replicates_everything() {
+            let expected = document.collection.clone();
+            return self.refuse(
+                conn,
+                format!("document {doc_id} belongs to {expected}, not {collection}"),
+            );
+        }
+        let origin = peer.node_id;
+        let state = peer.sync_states.entry(doc_id).or_default();
+        let before = document.doc.get_heads();
+        match guarded(|| document.doc.receive_sync_message(state, message)) {
+            Ok(()) => {}
+            Err(DocumentError::Refused(error)) => {
+                return self.refuse(conn, format!("sync of {doc_id} refused: {error}"))
+            }
+            Err(DocumentError::Panicked(error)) => {
+                self.refuse(conn, format!("sync of {doc_id} broke the document: {error}"));
+                return self.reload(doc_id);
+            }
+        }
+        let hub_heads = (peer.phase == PeerPhase::Ready(Role::Hub))
+            .then(|| state.their_heads.clone())
+            .flatten();
+        let changed = document.doc.get_heads() != before;
+        if let Some(heads) = hub_heads {
+            self.hub_advertised(doc_id, heads);
+        }
+        if changed {
+            self.persist(doc_id, &before, origin, None);
+        } else {
+            self.sync_with(conn, doc_id);
+        }
+    }
+
+    /// Notes the heads a hub advertised, and answers the writes they make hub-durable.
+    pub(super) fn hub_advertised(&mut self, doc_id: DocId, heads: Vec<ChangeHash>) {
+        self.hub_acks.record(doc_id, heads, self.hlc.new_timestamp());
+        let Some(document) = self.documents.get(&doc_id) else { return };
+        for request in self.hub_acks.satisfied(&doc_id, &document.doc) {
+            let report = DurabilityReport { local: true, hub: true };
+            self.outputs.push_back(Output::Respond {
+                id: request,
+                result: Ok(Response::Durability(report)),
+            });
+        }
+    }
+
+    /// Offers a document's news to every peer that follows it.
+    pub(super) fn announce(&mut self, doc_id: DocId) {
+        let conns: Vec<ConnId> =
+            self.peers.iter().filter(|(_, p)| p.follows(&doc_id)).map(|(c, _)| *c).collect();
+        for conn in conns {
+            self.sync_with(conn, doc_id);
+        }
+    }
+
+    /// Sends the next Automerge sync message for one document to one peer, if there is one.
+    ///
+    /// Nothing is sent while the document has uncommitted appends: the announce that follows
+    /// the last commit sends it then.
+    pub(super) fn sync_with(&mut self, conn: ConnId, doc_id: DocId) {
+        let Some(document) = self.documents.get(&doc_id).filter(|d| d.persisting == 0) else {
+            return;
+        };
+        let Some(peer) = self.peers.get_mut(&conn) else {
+            return;
+        };
+        let state = peer.sync_states.entry(doc_id).or_default();
+        let Some(message) = document.doc.generate_sync_message(state) else {
+            return;
+        };
+        let collection = document.collection.clone();
+        self.send(conn, Message::DocSync { doc_id, collection, sync_message: message.encode() });
+    }
+
+    pub(super) fn send_inventory(&mut self, conn: ConnId) {
+        let entries: Vec<InventoryEntry> = self
+            .documents
+            .iter()
+            .filter(|(_, d)| !d.is_placeholder)
+            .map(|(doc_id, d)| InventoryEntry {
+                doc_id: *doc_id,
+                collection: d.collection.clone(),
+                heads_digest: heads_digest(&d.doc.get_heads()),
+            })
+            .collect();
+        for chunk in entries.chunks(MAX_INVENTORY_ENTRIES_PER_MESSAGE) {
+            self.send(conn, Message::Inventory { entries: chunk.to_vec() });
+        }
+    }
+
+    pub(super) fn send(&mut self, conn: ConnId, message: Message) {
+        let envelope = Envelope { sent_at: self.hlc.new_timestamp(), message };
+        match encode_frame(&envelope.encode(), self.config.max_frame_bytes) {
+            Ok(bytes) => {
+                self.stats.frames_sent += 1;
+                self.stats.bytes_sent += bytes.len() as u64;
+                self.outputs.push_back(Output::Transmit { conn, bytes });
+            }
+            // A document too large for one frame cannot sync over this link; the peer stays up.
+            Err(error) => self
+                .outputs
+                .push_back(Output::Close { conn, reason: format!("cannot send: {error}") }),
+        }
+    }
+
+    /// Tells the peer why, then closes the connection.
+    pub(super) fn refuse(&mut self, conn: ConnId, reason: String) {
+        self.stats.protocol_errors += 1;
+        self.send(
+            conn,
+            Message::Refuse { reason: reason.clone(), protocol_version: PROTOCOL_VERSION },
+        );
+        self.outputs.push_back(Output::Close { conn, reason });
+        self.peers.remove(&conn);
+    }
+}

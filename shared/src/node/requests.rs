@@ -1,0 +1,260 @@
+//! Local requests: writes answered once durable, reads from committed state only.
+
+use std::time::Instant;
+
+use automerge::{ChangeHash, ReadDoc};
+
+use super::{
+    DurabilityReport, Node, Output, Request, RequestError, RequestId, Response, StatusReport,
+};
+use crate::document::{guarded, heads_hex, Document, DocumentError};
+use crate::ids::{Collection, DocId};
+use crate::message::Role;
+use crate::ops::{apply_ops, Op};
+
+impl Node {
+    pub(super) fn on_request(&mut self, now: Instant, id: RequestId, request: Request) {
+        let result = match request {
+            Request::Status => Some(Ok(Response::Status(StatusReport {
+                hub_connected: self.hub_connected(),
+                documents: self.documents().count(),
+                documents_pending_hub: self.documents_pending_hub(),
+                last_hub_sync: self.last_hub_sync(),
+                clock: self.hlc.new_timestamp(),
+            }))),
+            Request::Exists { doc_id } => Some(self.live(doc_id).map(|_| Response::Exists)),
+            Request::AwaitHub { doc_id, heads, deadline } => {
+                self.await_hub(now, id, doc_id, &heads, deadline)
+            }
+            Request::Create { doc_id, collection, ops } => {
+                self.create(id, doc_id, collection, &ops)
+            }
+            Request::Edit { doc_id, ops } => self.edit(id, doc_id, &ops),
+            Request::Delete { doc_id } => self.delete(id, doc_id),
+            Request::Import { doc_id, collection, bytes } => {
+                self.import(id, doc_id, collection, &bytes)
+            }
+            read @ (Request::Read { .. }
+            | Request::ReadAt { .. }
+            | Request::History { .. }
+            | Request::Export { .. }) => self.read_committed(id, read),
+        };
+        if let Some(result) = result {
+            self.outputs.push_back(Output::Respond { id, result });
+        }
+    }
+
+    /// Returns `None` when the answer waits for the store.
+    pub(super) fn create(
+        &mut self,
+        id: RequestId,
+        doc_id: DocId,
+        collection: Collection,
+        ops: &[Op],
+    ) -> Option<Result<Response, RequestError>> {
+        if self.documents.get(&doc_id).is_some_and(|d| !d.is_placeholder)
+            || self.reloading.contains_key(&doc_id)
+        {
+            return Some(Err(RequestError::AlreadyExists(doc_id)));
+        }
+        let mut document = Document::new(collection, self.actor.clone());
+        if let Err(error) = apply_ops(&mut document.doc, ops, self.commit_time_secs()) {
+            return Some(Err(error.into()));
+        }
+        if document.doc.get_heads().is_empty() {
+            // An empty create still needs a change, or there is nothing to store or sync.
+            document.doc.empty_commit(automerge::transaction::CommitOptions::default());
+        }
+        self.documents.insert(doc_id, document);
+        self.persist(doc_id, &[], self.node_id, Some(id));
+        None
+    }
+
+    pub(super) fn edit(
+        &mut self,
+        id: RequestId,
+        doc_id: DocId,
+        ops: &[Op],
+    ) -> Option<Result<Response, RequestError>> {
+        if self.reloading.contains_key(&doc_id) {
+            return Some(Err(RequestError::Unavailable(doc_id)));
+        }
+        if let Err(error) = self.live(doc_id) {
+            return Some(Err(error));
+        }
+        let time = self.commit_time_secs();
+        let document = self.documents.get_mut(&doc_id)?;
+        let before = document.doc.get_heads();
+        match apply_ops(&mut document.doc, ops, time) {
+            Err(error) => Some(Err(error.into())),
+            Ok(false) => Some(Ok(Response::Written { doc_id, heads: heads_hex(&before) })),
+            Ok(true) => {
+                self.persist(doc_id, &before, self.node_id, Some(id));
+                None
+            }
+        }
+    }
+
+    /// Answers at once when the heads are already hub-durable (or this node is a hub), else
+    /// parks the request until a hub advertises them or the deadline passes.
+    pub(super) fn await_hub(
+        &mut self,
+        now: Instant,
+        id: RequestId,
+        doc_id: DocId,
+        heads: &[String],
+        deadline: Instant,
+    ) -> Option<Result<Response, RequestError>> {
+        let heads =
+            match heads.iter().map(|h| h.parse::<ChangeHash>()).collect::<Result<Vec<_>, _>>() {
+                Ok(heads) => heads,
+                Err(error) => return Some(Err(RequestError::BadHeads(error.to_string()))),
+            };
+        let Some(document) = self.documents.get(&doc_id).filter(|d| !d.is_placeholder) else {
+            return Some(Err(RequestError::NotFound(doc_id)));
+        };
+        let local = heads.iter().all(|h| document.doc.get_change_by_hash(h).is_some());
+        let hub = local
+            && (self.role == Role::Hub || self.hub_acks.covers(&doc_id, &document.doc, &heads));
+        if hub || !local || deadline <= now {
+            return Some(Ok(Response::Durability(DurabilityReport { local, hub })));
+        }
+        self.hub_acks.wait(id, doc_id, heads, deadline);
+        None
+    }
+
+    /// A document that exists here and is not deleted.
+    pub(super) fn live(&self, doc_id: DocId) -> Result<&Document, RequestError> {
+        match self.documents.get(&doc_id).filter(|d| !d.is_placeholder) {
+            Some(document) if document.is_deleted() => Err(RequestError::Deleted(doc_id)),
+            Some(document) => Ok(document),
+            None if self.reloading.contains_key(&doc_id) => Err(RequestError::Unavailable(doc_id)),
+            None => Err(RequestError::NotFound(doc_id)),
+        }
+    }
+
+    /// Answers a read from committed state only: while the document has appends in flight,
+    /// the read waits for them, so nothing is ever shown that a crash could take back.
+    pub(super) fn read_committed(
+        &mut self,
+        id: RequestId,
+        request: Request,
+    ) -> Option<Result<Response, RequestError>> {
+        let doc_id = match &request {
+            Request::Read { doc_id }
+            | Request::ReadAt { doc_id, .. }
+            | Request::History { doc_id, .. }
+            | Request::Export { doc_id } => *doc_id,
+            _ => return None,
+        };
+        if self.documents.get(&doc_id).is_some_and(|d| d.persisting > 0) {
+            self.parked_reads.entry(doc_id).or_default().push((id, request));
+            return None;
+        }
+        Some(match request {
+            Request::ReadAt { heads, .. } => self.read_at(doc_id, &heads),
+            Request::History { offset, limit, .. } => self.live(doc_id).map(|d| {
+                let (changes, total) = d.history(offset, limit);
+                Response::History { changes, total }
+            }),
+            Request::Export { .. } => self.live(doc_id).map(|d| Response::Bytes(d.doc.save())),
+            _ => self.read(doc_id),
+        })
+    }
+
+    pub(super) fn read(&self, doc_id: DocId) -> Result<Response, RequestError> {
+        self.live(doc_id).map(|document| Response::Document {
+            doc_id,
+            collection: document.collection.clone(),
+            heads: heads_hex(&document.doc.get_heads()),
+            doc: document.to_json(),
+        })
+    }
+
+    pub(super) fn read_at(
+        &self,
+        doc_id: DocId,
+        heads: &[String],
+    ) -> Result<Response, RequestError> {
+        let document = self.live(doc_id)?;
+        let parsed = heads
+            .iter()
+            .map(|h| h.parse::<ChangeHash>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| RequestError::BadHeads(e.to_string()))?;
+        let doc = document.json_at(&parsed).map_err(|e| RequestError::BadHeads(e.to_string()))?;
+        Ok(Response::Document {
+            doc_id,
+            collection: document.collection.clone(),
+            heads: heads.to_vec(),
+            doc,
+        })
+    }
+
+    pub(super) fn delete(
+        &mut self,
+        id: RequestId,
+        doc_id: DocId,
+    ) -> Option<Result<Response, RequestError>> {
+        if let Err(error) = self.live(doc_id) {
+            return Some(Err(error));
+        }
+        let time = self.commit_time_secs();
+        let document = self.documents.get_mut(&doc_id)?;
+        let before = document.doc.get_heads();
+        document.delete(time);
+        self.persist(doc_id, &before, self.node_id, Some(id));
+        None
+    }
+
+    pub(super) fn import(
+        &mut self,
+        id: RequestId,
+        doc_id: DocId,
+        collection: Option<Collection>,
+        bytes: &[u8],
+    ) -> Option<Result<Response, RequestError>> {
+        if self.reloading.contains_key(&doc_id) {
+            return Some(Err(RequestError::Unavailable(doc_id)));
+        }
+        // Every Automerge chunk, saved document or change, starts with these bytes; Automerge
+        // itself skips what it cannot parse, which would make garbage look like "no news".
+        const AUTOMERGE_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+        if !bytes.starts_with(&AUTOMERGE_MAGIC) {
+            return Some(Err(RequestError::BadBytes("not Automerge data".into())));
+        }
+        let exists = self.documents.get(&doc_id).is_some_and(|d| !d.is_placeholder);
+        let mut fresh = match (exists, collection) {
+            (true, _) => None,
+            (false, Some(collection)) => Some(Document::new(collection, self.actor.clone())),
+            (false, None) => return Some(Err(RequestError::NotFound(doc_id))),
+        };
+        let document = match fresh.as_mut() {
+            Some(document) => document,
+            None => self.documents.get_mut(&doc_id)?,
+        };
+        let before = document.doc.get_heads();
+        match guarded(|| document.doc.load_incremental(bytes)) {
+            Ok(_) => {}
+            Err(DocumentError::Refused(error)) => return Some(Err(RequestError::BadBytes(error))),
+            Err(DocumentError::Panicked(error)) => {
+                if fresh.is_none() {
+                    self.reload(doc_id);
+                }
+                return Some(Err(RequestError::BadBytes(error)));
+            }
+        }
+        let heads = document.doc.get_heads();
+        if heads.is_empty() {
+            return Some(Err(RequestError::BadBytes("no changes in the data".into())));
+        }
+        if heads == before {
+            return Some(Ok(Response::Written { doc_id, heads: heads_hex(&heads) }));
+        }
+        if let Some(document) = fresh {
+            self.documents.insert(doc_id, document);
+        }
+        self.persist(doc_id, &before, self.node_id, Some(id));
+        None
+    }
+}
