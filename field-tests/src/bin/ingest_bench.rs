@@ -1,0 +1,529 @@
+//! Ingest benchmark: replays the automerge-perf editing trace (259,778 single-character edits
+//! of a LaTeX paper) in-process into a bare Automerge document, and end to end through a real
+//! agent, hub and second agent, and prints a Markdown table comparing the two.
+//!
+//! Each end-to-end request carries a batch of splice ops (one Automerge change, answered only
+//! once durable) and requests are sent one after another, because trace order matters: the
+//! figures are for one sequential writer, so group commit has nothing to fold.
+//!
+//! Build the release binaries first: `cargo build --release --workspace --bins`, then
+//! `cargo run --release -p field-tests --bin ingest-bench -- [--trace PATH] [--batch N[:EDITS] ...] [--limit N]`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use automerge::transaction::Transactable;
+use automerge::{Automerge, ObjType, ReadDoc, ROOT};
+use field_tests::{free_udp_port, wait_for, Agent, ApiClient, Hub, TestDir};
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// Where the trace lives in a checkout, next to the repository.
+const DEFAULT_TRACE: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/automerge-traces/edits.json");
+
+/// Length of the text the full trace produces.
+const FULL_TRACE_TEXT_CHARS: usize = 104_852;
+
+/// Edits replayed by default for batch sizes below [`SMALL_BATCH_THRESHOLD`]: every request
+/// is one fsync on each node, so the whole trace would take many minutes.
+const SMALL_BATCH_PREFIX: usize = 5_000;
+
+/// Batch sizes below this get [`SMALL_BATCH_PREFIX`] unless an edit count is given.
+const SMALL_BATCH_THRESHOLD: usize = 10;
+
+/// Default runs: batch size and optional edit count.
+const DEFAULT_RUNS: &[(usize, Option<usize>)] = &[(1, None), (100, None), (1000, None)];
+
+/// In-process replays per run; the fastest is reported.
+const RAW_REPEATS: usize = 3;
+
+/// How long agent B may take to catch up after A's last answer.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// One edit of the trace: at `pos`, delete `delete` characters, then insert `insert`.
+#[derive(Debug, Clone)]
+struct Edit {
+    pos: usize,
+    delete: usize,
+    insert: String,
+}
+
+/// One measured configuration.
+#[derive(Debug, Clone, Copy)]
+struct RunSpec {
+    batch: usize,
+    edits: usize,
+    /// Whether the edit count was cut to a prefix by default (said so in the output).
+    default_prefix: bool,
+}
+
+#[derive(Debug)]
+struct Args {
+    trace: PathBuf,
+    runs: Vec<(usize, Option<usize>)>,
+    limit: Option<usize>,
+}
+
+const USAGE: &str = "\
+usage: ingest-bench [--trace PATH] [--batch N[:EDITS][,N[:EDITS]...]]... [--limit N]
+
+  --trace PATH    automerge-perf edits.json (default: shared/data/automerge-traces/edits.json
+                  next to the repository)
+  --batch SPEC    edits per request (and per in-process transaction); repeatable or
+                  comma-separated; N:EDITS replays only the first EDITS edits. Default:
+                  1 (first 5000 edits), 100, 1000 (whole trace). Batch sizes below 10
+                  replay the first 5000 edits unless EDITS or --limit is given.
+  --limit N       replay at most the first N edits in every run";
+
+fn parse_args() -> anyhow::Result<Option<Args>> {
+    let mut trace = PathBuf::from(DEFAULT_TRACE);
+    let mut runs = Vec::new();
+    let mut limit = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--trace" => trace = PathBuf::from(value("--trace")?),
+            "--batch" => {
+                for spec in value("--batch")?.split(',').filter(|s| !s.is_empty()) {
+                    runs.push(parse_batch_spec(spec)?);
+                }
+            }
+            "--limit" => {
+                let n: usize = value("--limit")?.parse().context("--limit")?;
+                anyhow::ensure!(n > 0, "--limit must be positive");
+                limit = Some(n);
+            }
+            "-h" | "--help" => return Ok(None),
+            other => anyhow::bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if runs.is_empty() {
+        runs = DEFAULT_RUNS.to_vec();
+    }
+    Ok(Some(Args { trace, runs, limit }))
+}
+
+fn parse_batch_spec(spec: &str) -> anyhow::Result<(usize, Option<usize>)> {
+    let (batch, edits) = match spec.split_once(':') {
+        Some((batch, edits)) => (batch, Some(edits)),
+        None => (spec, None),
+    };
+    let batch: usize = batch.parse().with_context(|| format!("batch size {batch:?}"))?;
+    anyhow::ensure!(
+        (1..=cairn_shared::ops::MAX_OPS_PER_CHANGE).contains(&batch),
+        "batch size must be 1 to {}",
+        cairn_shared::ops::MAX_OPS_PER_CHANGE
+    );
+    let edits = edits
+        .map(|e| e.parse::<usize>().with_context(|| format!("edit count {e:?}")))
+        .transpose()?;
+    anyhow::ensure!(edits != Some(0), "edit count must be positive");
+    Ok((batch, edits))
+}
+
+/// Parses the automerge-perf trace: a JSON array of `[pos, deleteCount, insertText...]`.
+fn load_trace(path: &Path) -> anyhow::Result<Vec<Edit>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not an automerge-perf edit trace", path.display()))
+}
+
+// Parsed straight into `Edit`s rather than through `serde_json::Value`, so the bench process
+// does not keep a large freed heap that would inflate its RSS figures.
+impl<'de> Deserialize<'de> for Edit {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EditVisitor;
+        impl<'de> Visitor<'de> for EditVisitor {
+            type Value = Edit;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an edit [pos, deleteCount, insertText...]")
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Edit, A::Error> {
+                let pos = seq.next_element()?.ok_or_else(|| de::Error::invalid_length(0, &self))?;
+                let delete =
+                    seq.next_element()?.ok_or_else(|| de::Error::invalid_length(1, &self))?;
+                let mut insert = String::new();
+                while let Some(part) = seq.next_element::<String>()? {
+                    insert.push_str(&part);
+                }
+                Ok(Edit { pos, delete, insert })
+            }
+        }
+        deserializer.deserialize_seq(EditVisitor)
+    }
+}
+
+/// Result of an in-process replay.
+#[derive(Debug)]
+struct RawResult {
+    elapsed: Duration,
+    text: String,
+    /// Peak RSS of this process during the replay (since start if the peak could not be reset).
+    peak_rss_kib: Option<u64>,
+    /// RSS just before the replay: the loaded trace and whatever the allocator kept.
+    base_rss_kib: Option<u64>,
+}
+
+/// Replays `edits` into a fresh document, one transaction per `batch` edits.
+fn raw_replay(edits: &[Edit], batch: usize) -> anyhow::Result<RawResult> {
+    let mut doc = Automerge::new();
+    let mut tx = doc.transaction();
+    let text = tx.put_object(ROOT, "text", ObjType::Text)?;
+    tx.commit();
+    let peak_reset = reset_own_peak_rss();
+    let base_rss_kib = proc_status_kib("self", "VmRSS");
+    let started = Instant::now();
+    for chunk in edits.chunks(batch) {
+        let mut tx = doc.transaction();
+        for edit in chunk {
+            let delete = isize::try_from(edit.delete)?;
+            tx.splice_text(&text, edit.pos, delete, &edit.insert)?;
+        }
+        tx.commit();
+    }
+    let elapsed = started.elapsed();
+    let peak_rss_kib = peak_reset.then(|| proc_status_kib("self", "VmHWM")).flatten();
+    Ok(RawResult { elapsed, text: doc.text(&text)?, peak_rss_kib, base_rss_kib })
+}
+
+/// The fastest of [`RAW_REPEATS`] replays: a floor, less exposed to a noisy neighbour.
+fn raw_floor(edits: &[Edit], batch: usize) -> anyhow::Result<RawResult> {
+    let mut best = raw_replay(edits, batch)?;
+    for _ in 1..RAW_REPEATS {
+        let again = raw_replay(edits, batch)?;
+        anyhow::ensure!(again.text == best.text, "replays of the same edits differ");
+        best.elapsed = best.elapsed.min(again.elapsed);
+        best.peak_rss_kib = best.peak_rss_kib.max(again.peak_rss_kib);
+    }
+    Ok(best)
+}
+
+/// Result of an end-to-end run.
+#[derive(Debug)]
+struct E2eResult {
+    requests: usize,
+    acked: Duration,
+    visible: Duration,
+    hub_rss_kib: Option<u64>,
+    a_rss_kib: Option<u64>,
+    b_rss_kib: Option<u64>,
+}
+
+/// Replays `edits` on agent A in requests of `batch` splice ops and waits for agent B to
+/// reach A's final heads with `expected` as its text.
+fn end_to_end(edits: &[Edit], batch: usize, expected: &str) -> anyhow::Result<E2eResult> {
+    let dir = TestDir::new(&format!("ingest-bench-{batch}"))?;
+    let hub = Hub::start(dir.path(), "hub", free_udp_port()?)?;
+    let a = Agent::start(dir.path(), "agent-a", hub.quic)?;
+    let b = Agent::start(dir.path(), "agent-b", hub.quic)?;
+    let id = a.api.create("bench", &json!({"text": ""}))?;
+    // Discovery of the document is not what is measured: start once B has it.
+    wait_for("agent B to have the empty document", CATCH_UP_TIMEOUT, || b.api.try_read(&id))?;
+
+    // Bodies are serialized up front so the clock measures the service, not this client.
+    let bodies: Vec<Vec<u8>> = edits
+        .chunks(batch)
+        .map(|chunk| {
+            let ops: Vec<Value> = chunk
+                .iter()
+                .map(|e| {
+                    json!({"op": "splice", "path": ["text"], "index": e.pos,
+                           "delete": e.delete, "text": e.insert})
+                })
+                .collect();
+            json!({ "ops": ops }).to_string().into_bytes()
+        })
+        .collect();
+    let path = format!("/v1/docs/{id}/ops");
+    let step = bodies.len().div_ceil(10).max(1);
+
+    let started = Instant::now();
+    let mut heads: Vec<String> = Vec::new();
+    let mut done = 0;
+    for (i, body) in bodies.iter().enumerate() {
+        let response = a.api.send("POST", &path, Some(body))?;
+        anyhow::ensure!(
+            response.status == 200,
+            "request {i} answered {}: {}",
+            response.status,
+            response.body
+        );
+        heads = serde_json::from_value(response.body["heads"].clone())
+            .context("edit answer has no heads")?;
+        done += batch.min(edits.len() - i * batch);
+        if (i + 1) % step == 0 && i + 1 < bodies.len() {
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!(
+                "  batch {batch}: {:>3}% {done} edits acked in {secs:.1} s ({} edits/s)",
+                (i + 1) * 100 / bodies.len(),
+                group(done as f64 / secs)
+            );
+        }
+    }
+    let acked = started.elapsed();
+    eprintln!(
+        "  batch {batch}: all {done} edits acked by A in {:.2} s; waiting for B",
+        acked.as_secs_f64()
+    );
+    wait_for("agent B to reach A's final heads", CATCH_UP_TIMEOUT, || {
+        b.api.try_read(&id).filter(|view| view.heads == heads)
+    })?;
+    let visible = started.elapsed();
+
+    check_text(&b.api, &id, "B", expected)?;
+    check_text(&a.api, &id, "A", expected)?;
+    let hub_rss_kib = proc_status_kib(&hub.pid().to_string(), "VmHWM");
+    let a_rss_kib = proc_status_kib(&a.pid().to_string(), "VmHWM");
+    let b_rss_kib = proc_status_kib(&b.pid().to_string(), "VmHWM");
+    b.terminate()?;
+    a.terminate()?;
+    hub.terminate()?;
+    Ok(E2eResult { requests: bodies.len(), acked, visible, hub_rss_kib, a_rss_kib, b_rss_kib })
+}
+
+fn check_text(api: &ApiClient, id: &str, node: &str, expected: &str) -> anyhow::Result<()> {
+    let view = api.read(id)?.with_context(|| format!("agent {node} lost the document"))?;
+    let text = view.doc["text"]
+        .as_str()
+        .with_context(|| format!("agent {node}: text is not a string: {}", view.doc))?;
+    anyhow::ensure!(
+        text == expected,
+        "agent {node}'s text ({} chars) differs from the in-process replay ({} chars)",
+        text.chars().count(),
+        expected.chars().count()
+    );
+    Ok(())
+}
+
+/// A `kB` field of `/proc/<pid>/status`, such as `VmHWM` (peak RSS).
+fn proc_status_kib(pid: &str, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|line| {
+        let rest = line.strip_prefix(field)?.strip_prefix(':')?;
+        rest.trim().strip_suffix("kB")?.trim().parse().ok()
+    })
+}
+
+/// Resets this process's peak RSS to its current RSS, so each replay reports its own peak.
+fn reset_own_peak_rss() -> bool {
+    // "5" resets VmHWM (Linux 4.0 and later).
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// The filesystem type and device holding `path`, since the cost of each fsync depends on it.
+fn filesystem_of(path: &Path) -> String {
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (device, mount, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+            path.starts_with(mount).then(|| (mount.len(), format!("{fstype} ({device})")))
+        })
+        // The longest mount point wins; of equal ones, the last mounted.
+        .max_by_key(|(len, _)| *len)
+        .map_or_else(|| "unknown filesystem".into(), |(_, fs)| fs)
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("{cpus} CPUs (nproc), {model}")
+}
+
+/// A rate with thousands separators.
+fn group(value: f64) -> String {
+    if !value.is_finite() {
+        return "-".into();
+    }
+    let digits = format!("{:.0}", value.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn mib(kib: Option<u64>) -> String {
+    kib.map_or_else(|| "?".into(), |k| format!("{:.1}", k as f64 / 1024.0))
+}
+
+fn rate(edits: usize, elapsed: Duration) -> f64 {
+    edits as f64 / elapsed.as_secs_f64()
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ingest-bench: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let Some(args) = parse_args()? else {
+        println!("{USAGE}");
+        return Ok(());
+    };
+    for name in ["cloud-hub", "edge-agent"] {
+        if let Err(error) = field_tests::process::binary(name) {
+            anyhow::bail!(
+                "{error:#}\nbuild the binaries first, for the same profile as this benchmark: \
+                 cargo build --release --workspace --bins"
+            );
+        }
+    }
+    if cfg!(debug_assertions) {
+        eprintln!("warning: this is a debug build; figures are not representative (use --release)");
+    }
+
+    let trace_path = args.trace.canonicalize().unwrap_or(args.trace.clone());
+    let trace = load_trace(&trace_path)?;
+    let total_inserted: usize = trace.iter().map(|e| e.insert.chars().count()).sum();
+    let total_deleted: usize = trace.iter().map(|e| e.delete).sum();
+    eprintln!(
+        "trace {}: {} edits ({} chars inserted, {} deleted)",
+        trace_path.display(),
+        trace.len(),
+        total_inserted,
+        total_deleted
+    );
+    // The whole trace must give the known text, or the edits were misread.
+    let check = raw_replay(&trace, 1000)?;
+    let chars = check.text.chars().count();
+    anyhow::ensure!(
+        chars == FULL_TRACE_TEXT_CHARS,
+        "replaying the whole trace gave {chars} characters, expected {FULL_TRACE_TEXT_CHARS}"
+    );
+    eprintln!("whole-trace replay gives {chars} characters, as expected");
+
+    let specs: Vec<RunSpec> = args
+        .runs
+        .iter()
+        .map(|&(batch, edits)| {
+            let default_prefix =
+                edits.is_none() && args.limit.is_none() && batch < SMALL_BATCH_THRESHOLD;
+            let wanted =
+                edits.unwrap_or(if default_prefix { SMALL_BATCH_PREFIX } else { trace.len() });
+            let edits = wanted.min(args.limit.unwrap_or(usize::MAX)).min(trace.len());
+            RunSpec { batch, edits, default_prefix: default_prefix && edits < trace.len() }
+        })
+        .collect();
+
+    let mut rows = Vec::new();
+    for spec in &specs {
+        let edits = &trace[..spec.edits];
+        eprintln!(
+            "batch {}: {} edits in {} requests",
+            spec.batch,
+            spec.edits,
+            spec.edits.div_ceil(spec.batch)
+        );
+        let raw = raw_floor(edits, spec.batch)?;
+        if spec.edits == trace.len() {
+            anyhow::ensure!(
+                raw.text.chars().count() == FULL_TRACE_TEXT_CHARS,
+                "batch {}: replay gave {} characters, expected {FULL_TRACE_TEXT_CHARS}",
+                spec.batch,
+                raw.text.chars().count()
+            );
+        }
+        eprintln!(
+            "  batch {}: in-process replay {:.3} s at best ({} edits/s)",
+            spec.batch,
+            raw.elapsed.as_secs_f64(),
+            group(rate(spec.edits, raw.elapsed))
+        );
+        let e2e = end_to_end(edits, spec.batch, &raw.text)?;
+        eprintln!(
+            "  batch {}: B has A's final heads after {:.2} s",
+            spec.batch,
+            e2e.visible.as_secs_f64()
+        );
+        rows.push((*spec, raw, e2e));
+    }
+
+    println!("# Cairn ingest benchmark: automerge-perf editing trace\n");
+    println!("Machine: {}", machine());
+    println!("Trace: {} edits, final text {FULL_TRACE_TEXT_CHARS} characters", trace.len());
+    let temp = std::env::temp_dir();
+    println!(
+        "Data directories under {} on {}; SQLite synchronous=FULL, each request fsynced \
+         before it is answered\n",
+        temp.display(),
+        filesystem_of(&temp)
+    );
+    println!(
+        "| batch | edits | requests | raw apply ops/s | e2e acked ops/s | e2e B-visible ops/s \
+         | acked/raw | B-visible/raw | raw peak RSS MiB | hub peak RSS MiB | A peak RSS MiB \
+         | B peak RSS MiB |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (spec, raw, e2e) in &rows {
+        let raw_rate = rate(spec.edits, raw.elapsed);
+        let acked_rate = rate(spec.edits, e2e.acked);
+        let visible_rate = rate(spec.edits, e2e.visible);
+        println!(
+            "| {} | {}{} | {} | {} | {} | {} | {:.4} | {:.4} | {} | {} | {} | {} |",
+            spec.batch,
+            group(spec.edits as f64),
+            if spec.default_prefix { "*" } else { "" },
+            group(e2e.requests as f64),
+            group(raw_rate),
+            group(acked_rate),
+            group(visible_rate),
+            acked_rate / raw_rate,
+            visible_rate / raw_rate,
+            mib(raw.peak_rss_kib),
+            mib(e2e.hub_rss_kib),
+            mib(e2e.a_rss_kib),
+            mib(e2e.b_rss_kib),
+        );
+    }
+    println!();
+    if rows.iter().any(|(spec, _, _)| spec.default_prefix) {
+        println!(
+            "\\* First {SMALL_BATCH_PREFIX} edits only: each request is one durable change, \
+             one fsync per node, so small batches over the whole trace take too long."
+        );
+    }
+    println!(
+        "Raw apply: in-process Automerge, one transaction per batch, no I/O, fastest of \
+         {RAW_REPEATS} replays. End to end: \
+         sequential POST /v1/docs/{{id}}/ops to agent A, one change per request; acked is \
+         until A's last answer, B-visible until agent B (through the hub) reports A's final \
+         heads (polled every 25 ms), both from the first request."
+    );
+    let bases: Vec<String> = rows
+        .iter()
+        .map(|(spec, raw, _)| format!("batch {}: {}", spec.batch, mib(raw.base_rss_kib)))
+        .collect();
+    println!(
+        "Raw peak RSS is this process's VmHWM during the replay, including the loaded trace \
+         (RSS before the replay, MiB: {}); hub, A and B peaks are their VmHWM just before \
+         they were stopped.",
+        bases.join(", ")
+    );
+    Ok(())
+}
