@@ -15,7 +15,7 @@
 //! - Input from a peer never panics the node: framing, decoding and Automerge errors close that
 //!   connection with a [`Message::Refuse`] that says why.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Instant;
 
 use automerge::{ActorId, ChangeHash};
@@ -66,6 +66,8 @@ pub struct Node {
     outputs: VecDeque<Output>,
     next_anti_entropy: Option<Instant>,
     hub_acks: HubAcks,
+    /// Documents with news for peers, sent at the next flush of outputs.
+    announced: BTreeSet<DocId>,
     /// Reads waiting for a document's appends to commit.
     parked_reads: BTreeMap<DocId, Vec<(RequestId, Request)>>,
     stats: NodeStats,
@@ -107,6 +109,7 @@ impl Node {
             next_anti_entropy: None,
             hub_acks: HubAcks::default(),
             parked_reads: BTreeMap::new(),
+            announced: BTreeSet::new(),
             stats: NodeStats::default(),
         }
     }
@@ -198,6 +201,9 @@ impl Node {
 
     /// The next thing the driver must do.
     pub fn poll_output(&mut self) -> Option<Output> {
+        if self.outputs.is_empty() && !self.announced.is_empty() {
+            self.flush_announced();
+        }
         self.outputs.pop_front()
     }
 

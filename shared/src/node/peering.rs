@@ -197,12 +197,21 @@ impl Node {
         }
     }
 
-    /// Offers a document's news to every peer that follows it.
+    /// Marks a document's news for every peer that follows it. The messages are generated
+    /// when the driver next drains outputs, so a burst of commits to one document costs one
+    /// sync message per peer rather than one per commit.
     pub(super) fn announce(&mut self, doc_id: DocId) {
-        let conns: Vec<ConnId> =
-            self.peers.iter().filter(|(_, p)| p.follows(&doc_id)).map(|(c, _)| *c).collect();
-        for conn in conns {
-            self.sync_with(conn, doc_id);
+        self.announced.insert(doc_id);
+    }
+
+    /// Generates the sync messages for every document announced since the last flush.
+    pub(super) fn flush_announced(&mut self) {
+        for doc_id in std::mem::take(&mut self.announced) {
+            let conns: Vec<ConnId> =
+                self.peers.iter().filter(|(_, p)| p.follows(&doc_id)).map(|(c, _)| *c).collect();
+            for conn in conns {
+                self.sync_with(conn, doc_id);
+            }
         }
     }
 
