@@ -4,6 +4,7 @@
 mod config;
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use anyhow::Context;
 use cairn_shared::io::runtime::{shutdown_signal, NodeSetup, RunningNode};
@@ -44,7 +45,10 @@ async fn main() -> anyhow::Result<()> {
     let acceptor = tokio::spawn(quic::accept_loop(
         endpoint.clone(),
         node.handle.clone(),
-        config.max_connections,
+        quic::AcceptLimits {
+            max_connections: config.max_connections,
+            stream_timeout: Duration::from_millis(config.sync.hello_timeout_ms),
+        },
         wait_for(stop_rx.clone()),
     ));
     let sync = repo_ws::SyncEndpoint {

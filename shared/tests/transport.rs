@@ -15,6 +15,9 @@ use cairn_shared::node::{Request, Response};
 use cairn_shared::ops::Op;
 use serde_json::json;
 
+const LIMITS: quic::AcceptLimits =
+    quic::AcceptLimits { max_connections: 16, stream_timeout: Duration::from_secs(10) };
+
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("cairn-transport-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -62,7 +65,7 @@ async fn a_write_crosses_quic_to_the_hub_and_survives_a_restart_of_both() {
     let endpoint =
         quic::server_endpoint(&hub.identity, "127.0.0.1:0".parse().unwrap(), &timing).unwrap();
     let hub_addr = endpoint.local_addr().unwrap();
-    tokio::spawn(quic::accept_loop(endpoint, hub.handle.clone(), 16, std::future::pending()));
+    tokio::spawn(quic::accept_loop(endpoint, hub.handle.clone(), LIMITS, std::future::pending()));
 
     let agent = RunningNode::start(&setup(Role::Agent, &root, "agent", "ca")).unwrap();
     let client = quic::client_endpoint(&agent.identity, &timing).unwrap();
@@ -106,7 +109,7 @@ async fn a_node_with_a_certificate_from_another_ca_is_refused_by_tls() {
     let endpoint =
         quic::server_endpoint(&hub.identity, "127.0.0.1:0".parse().unwrap(), &timing).unwrap();
     let hub_addr = endpoint.local_addr().unwrap();
-    tokio::spawn(quic::accept_loop(endpoint, hub.handle.clone(), 16, std::future::pending()));
+    tokio::spawn(quic::accept_loop(endpoint, hub.handle.clone(), LIMITS, std::future::pending()));
 
     let stranger = RunningNode::start(&setup(Role::Agent, &root, "stranger", "other-ca")).unwrap();
     let client = quic::client_endpoint(&stranger.identity, &timing).unwrap();
@@ -131,6 +134,29 @@ async fn a_node_with_a_certificate_from_another_ca_is_refused_by_tls() {
     }
     assert_eq!(hub.handle.status().ready_peers, 0);
     stranger.stop().await.unwrap();
+    hub.stop().await.unwrap();
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_opens_its_stream_is_closed() {
+    let root = temp_dir("silent");
+    let timing = LinkTiming::default();
+    let hub = RunningNode::start(&setup(Role::Hub, &root, "hub", "ca")).unwrap();
+    let endpoint =
+        quic::server_endpoint(&hub.identity, "127.0.0.1:0".parse().unwrap(), &timing).unwrap();
+    let hub_addr = endpoint.local_addr().unwrap();
+    let limits =
+        quic::AcceptLimits { max_connections: 1, stream_timeout: Duration::from_millis(300) };
+    tokio::spawn(quic::accept_loop(endpoint, hub.handle.clone(), limits, std::future::pending()));
+
+    let silent = RunningNode::start(&setup(Role::Agent, &root, "silent", "ca")).unwrap();
+    let client = quic::client_endpoint(&silent.identity, &timing).unwrap();
+    let connection = client.connect(hub_addr, "localhost").unwrap().await.unwrap();
+    // Keep-alives would hold the link up forever; only the hub's stream deadline ends it.
+    let closed = tokio::time::timeout(Duration::from_secs(10), connection.closed()).await;
+    assert!(closed.is_ok(), "the hub must close a connection that stays silent");
+    silent.stop().await.unwrap();
     hub.stop().await.unwrap();
     std::fs::remove_dir_all(&root).unwrap();
 }

@@ -188,6 +188,8 @@ struct Driver {
 
 impl Driver {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        // Documents loaded at start count before the first command arrives.
+        self.publish_status(0);
         loop {
             let timer = self.node.poll_timeout().map(tokio::time::Instant::from_std);
             let command = tokio::select! {

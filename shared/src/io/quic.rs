@@ -97,15 +97,39 @@ pub fn client_endpoint(
     Ok(endpoint)
 }
 
+/// Which end of a connection this node is.
+#[derive(Debug, Clone, Copy)]
+pub enum Side {
+    /// We dialed, and open the protocol stream.
+    Dialer,
+    /// We accepted, and wait at most `stream_timeout` for the peer to open the stream, so a
+    /// peer that completes the handshake and then stays silent cannot hold a connection slot.
+    Acceptor {
+        /// How long the peer has to open the stream (and so send its first bytes).
+        stream_timeout: Duration,
+    },
+}
+
 /// Pumps one authenticated connection between QUIC and the node until either side ends it.
 pub async fn run_connection(
     node: NodeHandle,
     connection: quinn::Connection,
-    initiator: bool,
+    side: Side,
 ) -> Result<(), TransportError> {
     let peer = peer_node_id(&connection)?;
-    let (send, mut recv) =
-        if initiator { connection.open_bi().await? } else { connection.accept_bi().await? };
+    let (send, mut recv) = match side {
+        Side::Dialer => connection.open_bi().await?,
+        Side::Acceptor { stream_timeout } => {
+            match tokio::time::timeout(stream_timeout, connection.accept_bi()).await {
+                Ok(stream) => stream?,
+                Err(_) => {
+                    connection.close(1u32.into(), b"no hello in time");
+                    tracing::info!(%peer, "closed a connection that opened no stream in time");
+                    return Ok(());
+                }
+            }
+        }
+    };
     let (writer_tx, writer_rx) = mpsc::channel(CONNECTION_QUEUE_CAPACITY);
     let conn = node.attach(peer, writer_tx).await.map_err(|_| TransportError::NodeStopped)?;
     tracing::info!(conn, %peer, remote = %connection.remote_address(), "peer connected");
@@ -147,13 +171,24 @@ async fn write_frames(
     connection.close(1u32.into(), reason.as_bytes());
 }
 
+/// How many connections a hub holds, and how long a new one may stay silent.
+#[derive(Debug, Clone, Copy)]
+pub struct AcceptLimits {
+    /// Most connections at once; more are refused and retry with backoff.
+    pub max_connections: usize,
+    /// How long a new connection may take to open its stream (the hello timeout).
+    pub stream_timeout: Duration,
+}
+
 /// Accepts agents until `shutdown` resolves; at most `max_connections` at once.
 pub async fn accept_loop(
     endpoint: quinn::Endpoint,
     node: NodeHandle,
-    max_connections: usize,
+    limits: AcceptLimits,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    let AcceptLimits { max_connections, stream_timeout } = limits;
+    let side = Side::Acceptor { stream_timeout };
     let permits = Arc::new(Semaphore::new(max_connections));
     tokio::pin!(shutdown);
     loop {
@@ -170,7 +205,7 @@ pub async fn accept_loop(
         tokio::spawn(async move {
             let _permit = permit;
             let result = match incoming.await {
-                Ok(connection) => run_connection(node, connection, false).await,
+                Ok(connection) => run_connection(node, connection, side).await,
                 Err(error) => Err(error.into()),
             };
             if let Err(error) = result {
@@ -200,7 +235,8 @@ pub async fn dial_loop(
         match endpoint.connect(hub, &server_name) {
             Ok(connecting) => match connecting.await {
                 Ok(connection) => {
-                    if let Err(error) = run_connection(node.clone(), connection, true).await {
+                    if let Err(error) = run_connection(node.clone(), connection, Side::Dialer).await
+                    {
                         tracing::warn!(%error, "hub connection ended");
                     }
                 }
