@@ -291,7 +291,7 @@ impl Driver {
     fn publish_status(&self, queued_commands: usize) {
         let status = NodeStatus {
             stats: self.node.stats().clone(),
-            documents: self.node.documents().count(),
+            documents: self.node.document_count(),
             ready_peers: self.node.ready_peers(),
             queued_commands,
         };

@@ -141,6 +141,12 @@ impl Node {
         self.documents.iter().filter(|(_, d)| !d.is_placeholder)
     }
 
+    /// Documents in memory, counted in constant time (includes documents still arriving
+    /// from a peer, which [`Node::documents`] leaves out).
+    pub fn document_count(&self) -> usize {
+        self.documents.len()
+    }
+
     /// Connections whose handshake completed.
     pub fn ready_peers(&self) -> usize {
         self.peers.values().filter(|p| p.is_ready()).count()
