@@ -1,11 +1,15 @@
-//! Field-test harness: real `cloud-hub` and `edge-agent` processes on 127.0.0.1, a small
-//! client for the agent's HTTP API, and waiting on conditions with deadlines.
+//! Field-test harness: real `cloud-hub` and `edge-agent` processes on 127.0.0.1, the
+//! `cairn-client` crate for their HTTP APIs, and waiting on conditions with deadlines.
 //!
 //! Binaries are found next to the running test or benchmark executable
 //! (`target/<profile>/`); build them first with `cargo build --workspace --bins`.
 
-pub mod client;
+/// The HTTP client, from `cairn-client`.
+pub mod client {
+    pub use cairn_client::*;
+}
 pub mod process;
+pub mod raw_peer;
 
 use std::time::{Duration, Instant};
 

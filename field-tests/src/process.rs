@@ -58,10 +58,7 @@ pub fn free_udp_port() -> anyhow::Result<u16> {
 /// The path of a workspace binary built for the same profile as the running executable.
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let mut dir = exe
-        .parent()
-        .context("executable has no directory")?
-        .to_path_buf();
+    let mut dir = exe.parent().context("executable has no directory")?.to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
@@ -82,16 +79,10 @@ struct Running {
 }
 
 fn spawn(name: &str, args: &[String], log: &Path) -> anyhow::Result<Running> {
-    let stderr = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
+    let stderr = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     let mut child = Command::new(binary(name)?)
         .args(args)
-        .env(
-            "RUST_LOG",
-            std::env::var("CAIRN_TEST_LOG").unwrap_or_else(|_| "info".into()),
-        )
+        .env("RUST_LOG", std::env::var("CAIRN_TEST_LOG").unwrap_or_else(|_| "info".into()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(stderr)
@@ -136,9 +127,7 @@ impl Running {
     }
 
     fn sigterm(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()?;
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;
         let started = std::time::Instant::now();
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -196,11 +185,7 @@ impl Hub {
         let running = spawn("cloud-hub", &args, &root.join(format!("{name}.log")))?;
         let quic = running.field("quic")?.parse()?;
         let http = ApiClient::new(running.field("http")?);
-        Ok(Self {
-            running,
-            quic,
-            http,
-        })
+        Ok(Self { running, quic, http })
     }
 
     /// Process id.

@@ -12,10 +12,9 @@ fn a_write_on_one_agent_reaches_the_other() -> anyhow::Result<()> {
     let a = Agent::start(dir.path(), "agent-a", hub.quic)?;
     let b = Agent::start(dir.path(), "agent-b", hub.quic)?;
     let id = a.api.create("notes", &json!({"title": "hello"}))?;
-    let heads = a.api.edit(
-        &id,
-        &json!([{"op": "splice", "path": ["title"], "index": 5, "text": " world"}]),
-    )?;
+    let heads = a
+        .api
+        .edit(&id, &json!([{"op": "splice", "path": ["title"], "index": 5, "text": " world"}]))?;
     let seen = wait_for("agent B to have the edit", Duration::from_secs(30), || {
         b.api.try_read(&id).filter(|d| d.heads == heads)
     })?;

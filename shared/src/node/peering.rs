@@ -205,11 +205,26 @@ impl Node {
     }
 
     /// Generates the sync messages for every document announced since the last flush.
+    ///
+    /// Announcements follow commits, and every follower must hear the committed heads even
+    /// when Automerge thinks it has nothing to say: a peer's message that echoed our heads
+    /// while they were still uncommitted makes Automerge record them as sent, and without a
+    /// new message the peer would never learn they are now durable.
     pub(super) fn flush_announced(&mut self) {
         for doc_id in std::mem::take(&mut self.announced) {
+            let Some(heads) = self.documents.get(&doc_id).map(|d| d.doc.get_heads()) else {
+                continue;
+            };
             let conns: Vec<ConnId> =
                 self.peers.iter().filter(|(_, p)| p.follows(&doc_id)).map(|(c, _)| *c).collect();
             for conn in conns {
+                if let Some(state) =
+                    self.peers.get_mut(&conn).and_then(|p| p.sync_states.get_mut(&doc_id))
+                {
+                    if state.last_sent_heads == heads {
+                        state.last_sent_heads.clear();
+                    }
+                }
                 self.sync_with(conn, doc_id);
             }
         }

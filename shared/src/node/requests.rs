@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use automerge::{ChangeHash, ReadDoc};
+use automerge::{Automerge, ChangeHash, LoadOptions, OnPartialLoad, ReadDoc};
 
 use super::{
     DurabilityReport, Node, Output, Request, RequestError, RequestId, Response, StatusReport,
@@ -234,7 +234,14 @@ impl Node {
             None => self.documents.get_mut(&doc_id)?,
         };
         let before = document.doc.get_heads();
-        match guarded(|| document.doc.load_incremental(bytes)) {
+        // Parse everything into a scratch document first, refusing partial data, so an upload
+        // is merged whole or not at all.
+        let options = LoadOptions::new().on_partial_load(OnPartialLoad::Error);
+        let mut scratch = match guarded(|| Automerge::load_with_options(bytes, options)) {
+            Ok(scratch) => scratch,
+            Err(error) => return Some(Err(RequestError::BadBytes(error.to_string()))),
+        };
+        match guarded(|| document.doc.merge(&mut scratch)) {
             Ok(_) => {}
             Err(DocumentError::Refused(error)) => return Some(Err(RequestError::BadBytes(error))),
             Err(DocumentError::Panicked(error)) => {
