@@ -64,7 +64,7 @@ async fn main() -> anyhow::Result<()> {
         "cloud-hub ready quic={quic_addr} http=http://{http_addr} node={}",
         node.identity.node_id
     );
-    tracing::info!(quic = %quic_addr, http = %http_addr, documents = node.handle.status().documents, "hub started");
+    tracing::info!(quic = %quic_addr, http = %http_addr, "hub started");
     let ready = node.ops.ready.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

@@ -167,6 +167,11 @@ impl RunningNode {
                 tracing::error!(doc_id = %doc.doc_id, %error, "document cannot be loaded; left on disk");
             }
         }
+        tracing::info!(
+            documents = stored.len() - unloadable_documents,
+            unloadable_documents,
+            "store loaded"
+        );
         drop(stored);
         let metrics = Arc::new(Metrics::new());
         let (queue_tx, queue_rx) = tokio::sync::mpsc::channel(super::store::STORE_QUEUE_CAPACITY);
