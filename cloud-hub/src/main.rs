@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use cairn_shared::io::runtime::{shutdown_signal, NodeSetup, RunningNode};
+use cairn_shared::io::runtime::{init_logging, shutdown_signal, NodeSetup, RunningNode};
 use cairn_shared::io::{doc_api, ops_http, quic, repo_ws};
 use cairn_shared::message::Role;
 use clap::Parser;
@@ -17,12 +17,7 @@ use crate::config::{Cli, HubConfig};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     let config = HubConfig::load(&Cli::parse())?;
     let data_dir = config.data_dir();
     let setup = NodeSetup {

@@ -3,12 +3,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::Context;
 use cairn_shared::config::SyncConfig;
 use cairn_shared::ids::Collection;
 use cairn_shared::io::quic::LinkTiming;
 use cairn_shared::io::repo_ws;
-use cairn_shared::io::runtime::{default_home, IdentityConfig};
+use cairn_shared::io::runtime::{default_home, load_config_file, IdentityConfig};
 use clap::Parser;
 use serde::Deserialize;
 
@@ -90,14 +89,7 @@ impl Default for AgentConfig {
 impl AgentConfig {
     /// Defaults, overridden by the file, overridden by environment and flags.
     pub fn load(cli: &Cli) -> anyhow::Result<Self> {
-        let mut config = match &cli.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {}", path.display()))?;
-                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
-            }
-            None => Self::default(),
-        };
+        let mut config: Self = load_config_file(cli.config.as_deref())?;
         if let Some(dir) = &cli.data_dir {
             config.data_dir = Some(dir.clone());
         }

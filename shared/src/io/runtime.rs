@@ -100,6 +100,34 @@ pub fn default_tls_paths(ca_dir: &Path, data_dir: &Path) -> TlsPaths {
     }
 }
 
+/// Reads a TOML configuration file into `T`, or gives `T`'s defaults when there is none.
+pub fn load_config_file<T: serde::de::DeserializeOwned + Default>(
+    path: Option<&Path>,
+) -> Result<T, ConfigFileError> {
+    let Some(path) = path else { return Ok(T::default()) };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigFileError { path: path.to_owned(), reason: e.to_string() })?;
+    toml::from_str(&text)
+        .map_err(|e| ConfigFileError { path: path.to_owned(), reason: e.to_string() })
+}
+
+/// A configuration file that cannot be read or parsed.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration file {path}: {reason}")]
+pub struct ConfigFileError {
+    /// The file.
+    pub path: PathBuf,
+    /// What is wrong, with the line and column for syntax errors.
+    pub reason: String,
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`); stdout stays for the ready line.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
 /// Where a node's TLS material comes from (a config file section).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
