@@ -1,6 +1,6 @@
 //! What a node knows about one connection: handshake phase, frame buffer, sync states.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use automerge::sync;
@@ -31,6 +31,11 @@ pub struct Peer {
     pub sync_states: BTreeMap<DocId, sync::State>,
     /// When the connection is closed if the peer has still not said hello.
     pub hello_deadline: Option<Instant>,
+    /// Documents for which a message carrying changes is unanswered. No further message for
+    /// them goes to this peer until it answers, so changes made meanwhile travel together and
+    /// the receiver applies them in one batch (Automerge's remote apply costs grow with the
+    /// document for every call, not per change).
+    pub awaiting_reply: BTreeSet<DocId>,
 }
 
 impl Peer {
@@ -42,6 +47,7 @@ impl Peer {
             decoder: FrameDecoder::new(max_frame_bytes),
             sync_states: BTreeMap::new(),
             hello_deadline: None,
+            awaiting_reply: BTreeSet::new(),
         }
     }
 

@@ -120,6 +120,7 @@ impl Node {
             if let Some(peer) = self.peers.get_mut(&conn) {
                 // A fresh state forgets anything a lost message left in flight.
                 peer.sync_states.insert(entry.doc_id, sync::State::new());
+                peer.awaiting_reply.remove(&entry.doc_id);
             }
             self.sync_with(conn, entry.doc_id);
         }
@@ -158,6 +159,8 @@ impl Node {
             );
         }
         let origin = peer.node_id;
+        peer.awaiting_reply.remove(&doc_id);
+        let carried_changes = !message.changes.is_empty();
         let state = peer.sync_states.entry(doc_id).or_default();
         let before = document.doc.get_heads();
         match guarded(|| document.doc.receive_sync_message(state, message)) {
@@ -180,6 +183,12 @@ impl Node {
         if changed {
             self.persist(doc_id, &before, origin, None);
         } else {
+            let state = self.peers.get_mut(&conn).and_then(|p| p.sync_states.get_mut(&doc_id));
+            if let Some(state) = state.filter(|_| carried_changes) {
+                // The sender waits for an answer to every message that carries changes, even
+                // when they were all known here.
+                state.last_sent_heads.clear();
+            }
             self.sync_with(conn, doc_id);
         }
     }
@@ -241,10 +250,16 @@ impl Node {
         let Some(peer) = self.peers.get_mut(&conn) else {
             return;
         };
+        if peer.awaiting_reply.contains(&doc_id) {
+            return; // The peer's answer brings us back here, with everything made meanwhile.
+        }
         let state = peer.sync_states.entry(doc_id).or_default();
         let Some(message) = document.doc.generate_sync_message(state) else {
             return;
         };
+        if !message.changes.is_empty() && peer.replicates_everything() {
+            peer.awaiting_reply.insert(doc_id);
+        }
         let collection = document.collection.clone();
         self.send(conn, Message::DocSync { doc_id, collection, sync_message: message.encode() });
     }
