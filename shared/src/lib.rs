@@ -22,6 +22,7 @@ pub mod message;
 pub mod node;
 pub mod ops;
 pub mod peer;
+pub mod reconcile;
 pub mod repo_wire;
 pub mod store_task;
 
