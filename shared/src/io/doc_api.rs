@@ -149,8 +149,18 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({"error": {"code": self.code, "message": self.message}})))
-            .into_response()
+        let mut response =
+            (self.status, Json(json!({"error": {"code": self.code, "message": self.message}})))
+                .into_response();
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The unread rest of the body makes the connection unusable; say so, so clients
+            // do not send their next request on it.
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        response
     }
 }
 
