@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 pub struct SyncConfig {
     /// Largest frame accepted or sent, in bytes. Bounds per-connection buffering.
     pub max_frame_bytes: usize,
-    /// How often peers re-exchange inventories to repair anything a link lost, in milliseconds.
+    /// How often node peers reconcile their document sets to repair anything a link lost, in
+    /// milliseconds.
     pub anti_entropy_interval_ms: u64,
     /// Fold a document's incremental changes into a new snapshot after this many.
     pub compact_after_changes: usize,
@@ -30,7 +31,7 @@ pub struct SyncConfig {
 pub struct ConfigError(pub String);
 
 impl SyncConfig {
-    /// Smallest allowed `max_frame_bytes`: an inventory message must fit.
+    /// Smallest allowed `max_frame_bytes`: a full inventory or reconciliation message must fit.
     pub const MIN_FRAME_BYTES: usize = 1024 * 1024;
     /// Largest allowed `max_frame_bytes`.
     pub const MAX_FRAME_BYTES: usize = 256 * 1024 * 1024;

@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{Collection, DocId, NodeId};
+use crate::reconcile::{ReconcileError, ReconcileMessage};
 
 /// The protocol version this build speaks (also in the ALPN string).
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -61,7 +62,8 @@ pub enum Message {
         /// The protocol version the sender speaks.
         protocol_version: u8,
     },
-    /// The sender's documents (or a chunk of them) with heads digests.
+    /// The sender's documents (or a chunk of them) with heads digests. Nodes now reconcile
+    /// with [`Message::Reconcile`] instead; an inventory received is still acted on.
     Inventory {
         /// At most [`MAX_INVENTORY_ENTRIES_PER_MESSAGE`] entries.
         entries: Vec<InventoryEntry>,
@@ -74,6 +76,11 @@ pub enum Message {
         collection: Collection,
         /// Automerge's encoded sync message.
         sync_message: Vec<u8>,
+    },
+    /// One message of a range-based reconciliation session (see [`crate::reconcile`]).
+    Reconcile {
+        /// Range summaries or item lists, checked against the module's limits on decode.
+        message: ReconcileMessage,
     },
 }
 
@@ -125,15 +132,28 @@ impl Envelope {
         if !rest.is_empty() {
             return Err(DecodeError::Malformed(format!("{} trailing bytes", rest.len())));
         }
-        if let Message::Inventory { entries } = &envelope.message {
-            if entries.len() > MAX_INVENTORY_ENTRIES_PER_MESSAGE {
-                return Err(DecodeError::OverLimit(format!(
-                    "inventory of {} entries, at most {MAX_INVENTORY_ENTRIES_PER_MESSAGE} per message",
-                    entries.len()
-                )));
-            }
-        }
+        check_limits(&envelope.message)?;
         Ok(envelope)
+    }
+}
+
+/// Refuses a well-formed message that breaks a size limit or, for reconciliation, the
+/// ordering rules, before the node acts on any of it.
+fn check_limits(message: &Message) -> Result<(), DecodeError> {
+    match message {
+        Message::Inventory { entries } if entries.len() > MAX_INVENTORY_ENTRIES_PER_MESSAGE => {
+            Err(DecodeError::OverLimit(format!(
+                "inventory of {} entries, at most {MAX_INVENTORY_ENTRIES_PER_MESSAGE} per message",
+                entries.len()
+            )))
+        }
+        Message::Reconcile { message } => message.validate().map_err(|error| match error {
+            ReconcileError::TooManyParts { .. }
+            | ReconcileError::TooManyItemsInPart { .. }
+            | ReconcileError::TooManyItems { .. } => DecodeError::OverLimit(error.to_string()),
+            _ => DecodeError::Malformed(error.to_string()),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -165,6 +185,29 @@ mod tests {
             Err(DecodeError::Malformed(_))
         ));
         assert!(matches!(Envelope::decode(&[]), Err(DecodeError::Malformed(_))));
+    }
+
+    #[test]
+    fn reconciliation_messages_are_checked_on_decode() {
+        use crate::reconcile::{Fingerprint, IdRange, RangePart, MAX_PARTS_PER_MESSAGE};
+        let encode = |ranges: Vec<RangePart>| {
+            let message = Message::Reconcile { message: ReconcileMessage { ranges } };
+            Envelope { sent_at: stamp(), message }.encode()
+        };
+        let summary = RangePart::Fingerprint {
+            range: IdRange::full(),
+            fingerprint: Fingerprint::EMPTY,
+            count: 0,
+        };
+        let fine = encode(vec![summary.clone()]);
+        assert!(matches!(
+            Envelope::decode(&fine),
+            Ok(Envelope { message: Message::Reconcile { .. }, .. })
+        ));
+        let overlapping = encode(vec![summary.clone(), summary.clone()]);
+        assert!(matches!(Envelope::decode(&overlapping), Err(DecodeError::Malformed(_))));
+        let too_many = encode(vec![summary; MAX_PARTS_PER_MESSAGE + 1]);
+        assert!(matches!(Envelope::decode(&too_many), Err(DecodeError::OverLimit(_))));
     }
 
     #[test]

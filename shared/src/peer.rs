@@ -1,4 +1,5 @@
-//! What a node knows about one connection: handshake phase, frame buffer, sync states.
+//! What a node knows about one connection: handshake phase, frame buffer, sync states, and
+//! the reconciliation session in progress.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
@@ -8,6 +9,7 @@ use automerge::sync;
 use crate::frame::FrameDecoder;
 use crate::ids::{DocId, NodeId};
 use crate::message::Role;
+use crate::reconcile::{MemoryStore, Reconciler};
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +38,9 @@ pub struct Peer {
     /// the receiver applies them in one batch (Automerge's remote apply costs grow with the
     /// document for every call, not per change).
     pub awaiting_reply: BTreeSet<DocId>,
+    /// This side of the reconciliation session in progress with the peer, if any: node
+    /// peers only. It holds the set as it was when the session began.
+    pub reconciler: Option<Reconciler<MemoryStore>>,
 }
 
 impl Peer {
@@ -48,6 +53,7 @@ impl Peer {
             sync_states: BTreeMap::new(),
             hello_deadline: None,
             awaiting_reply: BTreeSet::new(),
+            reconciler: None,
         }
     }
 

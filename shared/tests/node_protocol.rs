@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use automerge::ActorId;
@@ -12,7 +13,8 @@ use cairn_shared::ids::{DocId, NodeId};
 use cairn_shared::message::{Envelope, Message, Role, PROTOCOL_VERSION};
 use cairn_shared::node::{Input, Node, Output, Request, Response};
 use cairn_shared::ops::Op;
-use cairn_shared::store_task::{StoreReply, StoreTask};
+use cairn_shared::reconcile::{Fingerprint, IdRange, RangePart, ReconcileMessage};
+use cairn_shared::store_task::{StoreReply, StoreTask, StoredDoc};
 use serde_json::json;
 
 const PEER: NodeId = NodeId::from_bytes([2; 16]);
@@ -101,13 +103,18 @@ fn closed(outputs: &[Output]) -> Option<&str> {
 }
 
 #[test]
-fn both_sides_say_hello_then_exchange_inventories() {
+fn both_sides_say_hello_then_the_smaller_id_starts_reconciling() {
     let mut node = node();
     with_document(&mut node, Instant::now());
     let outputs = connect(&mut node, Instant::now());
     let messages = sent_messages(&outputs);
     assert!(matches!(messages[0], Message::Hello { role: Role::Hub, .. }));
-    assert!(matches!(messages[1], Message::Inventory { .. }));
+    // The node's id, [1; 16], is below the peer's: it initiates, with one summary.
+    assert!(
+        matches!(&messages[1], Message::Reconcile { message } if message.ranges.len() == 1),
+        "{messages:?}"
+    );
+    assert_eq!(messages.len(), 2, "no inventory: {messages:?}");
     assert_eq!(node.ready_peers(), 1);
     assert_eq!(closed(&outputs), None);
 }
@@ -206,7 +213,7 @@ fn a_peer_clock_far_ahead_is_counted_and_does_not_drag_ours() {
 }
 
 #[test]
-fn anti_entropy_re_sends_the_inventory_when_due() {
+fn anti_entropy_starts_a_reconciliation_session_when_due() {
     let mut node = node();
     let now = Instant::now();
     with_document(&mut node, now);
@@ -216,7 +223,7 @@ fn anti_entropy_re_sends_the_inventory_when_due() {
     assert!(drain(&mut node).is_empty(), "nothing before the deadline");
     node.handle_timeout(due);
     let messages = sent_messages(&drain(&mut node));
-    assert!(matches!(messages.as_slice(), [Message::Inventory { .. }]));
+    assert!(matches!(messages.as_slice(), [Message::Reconcile { .. }]), "{messages:?}");
     assert!(node.poll_timeout().unwrap() > due);
 }
 
@@ -297,4 +304,178 @@ fn a_read_during_an_uncommitted_write_waits_for_the_commit() {
         _ => None,
     });
     assert_eq!(read, Some(json!({"k": "w"})));
+}
+
+#[test]
+fn a_reconciliation_message_that_breaks_the_rules_is_refused() {
+    let mut node = node();
+    let now = Instant::now();
+    connect(&mut node, now);
+    let summary = |range: IdRange| RangePart::Fingerprint {
+        range,
+        fingerprint: Fingerprint::EMPTY,
+        count: 0,
+    };
+    let overlapping = ReconcileMessage { ranges: vec![summary(IdRange::full()); 2] };
+    let bytes = frame(Message::Reconcile { message: overlapping }, fixed_clock());
+    node.handle_input(now, Input::Received { conn: CONN, bytes });
+    let outputs = drain(&mut node);
+    assert!(closed(&outputs).unwrap().contains("overlaps"), "{outputs:?}");
+    assert_eq!(node.stats().protocol_errors, 1);
+}
+
+/// Two nodes joined by a perfect link, every store task committing at once. Node 0 has the
+/// smaller id, so it initiates reconciliation.
+struct Pair {
+    nodes: [Node; 2],
+    /// Every frame sent: by which node, its message, its size in bytes.
+    sent: Vec<(usize, Message, usize)>,
+}
+
+impl Pair {
+    fn new(documents: [Vec<StoredDoc>; 2]) -> Self {
+        let mut nodes = [
+            wired_node(1, Role::Hub, SyncConfig::hub()),
+            wired_node(2, Role::Agent, SyncConfig::edge()),
+        ];
+        for (node, stored) in nodes.iter_mut().zip(&documents) {
+            for doc in stored {
+                node.load(doc).unwrap();
+            }
+        }
+        Self { nodes, sent: Vec::new() }
+    }
+
+    fn connect(&mut self) {
+        let now = Instant::now();
+        for side in 0..2 {
+            let peer = self.nodes[1 - side].node_id();
+            self.nodes[side].handle_input(now, Input::Connected { conn: CONN, peer });
+        }
+        self.run(now);
+    }
+
+    /// Carries outputs from each node to the other until both are quiet.
+    fn run(&mut self, now: Instant) {
+        let mut busy = true;
+        while busy {
+            busy = false;
+            for side in 0..2 {
+                while let Some(output) = self.nodes[side].poll_output() {
+                    busy = true;
+                    self.carry(now, side, output);
+                }
+            }
+        }
+    }
+
+    fn carry(&mut self, now: Instant, side: usize, output: Output) {
+        match output {
+            Output::Transmit { bytes, .. } => {
+                for message in
+                    sent_messages(&[Output::Transmit { conn: CONN, bytes: bytes.clone() }])
+                {
+                    self.sent.push((side, message, bytes.len()));
+                }
+                self.nodes[1 - side].handle_input(now, Input::Received { conn: CONN, bytes });
+            }
+            Output::Store { task, .. } => self.nodes[side]
+                .handle_input(now, Input::StoreDone { task, reply: StoreReply::Committed }),
+            Output::Close { reason, .. } => panic!("node {side} closed the link: {reason}"),
+            Output::Respond { .. } => {}
+        }
+    }
+
+    /// Reconciliation frames sent by `side`, and their total size.
+    fn reconcile_traffic(&self, side: usize) -> (usize, usize) {
+        let frames = self
+            .sent
+            .iter()
+            .filter(|(from, m, _)| *from == side && matches!(m, Message::Reconcile { .. }));
+        frames.fold((0, 0), |(count, bytes), (_, _, size)| (count + 1, bytes + size))
+    }
+
+    /// Documents any sync message named.
+    fn synced_documents(&self) -> BTreeSet<DocId> {
+        let ids = self.sent.iter().filter_map(|(_, message, _)| match message {
+            Message::DocSync { doc_id, .. } => Some(*doc_id),
+            _ => None,
+        });
+        ids.collect()
+    }
+
+    fn heads(&self, side: usize) -> BTreeMap<DocId, Vec<automerge::ChangeHash>> {
+        self.nodes[side].documents().map(|(id, d)| (*id, d.doc.get_heads())).collect()
+    }
+}
+
+fn wired_node(id: u8, role: Role, config: SyncConfig) -> Node {
+    let hlc = uhlc::HLCBuilder::new()
+        .with_id(uhlc::ID::try_from([id; 16]).unwrap())
+        .with_clock(fixed_clock)
+        .with_max_delta(Duration::from_millis(500))
+        .build();
+    Node::new(NodeId::from_bytes([id; 16]), role, ActorId::from(vec![id; 16]), hlc, config)
+}
+
+/// Document `n` as saved after `edits` changes, each by its own actor.
+fn stored_doc(n: u32, edits: &[&str]) -> StoredDoc {
+    let mut bytes = [0u8; 16];
+    bytes[..4].copy_from_slice(&n.to_be_bytes());
+    bytes[15] = 1;
+    let mut doc = automerge::Automerge::new();
+    for (index, value) in edits.iter().enumerate() {
+        doc.set_actor(ActorId::from(vec![index as u8 + 1; 16]));
+        let ops: Vec<Op> =
+            serde_json::from_value(json!([{"op": "set", "path": ["k"], "value": value}])).unwrap();
+        cairn_shared::ops::apply_ops(&mut doc, &ops, 0).unwrap();
+    }
+    StoredDoc {
+        doc_id: DocId::from_slice(&bytes).unwrap(),
+        collection: "c".parse().unwrap(),
+        snapshot: Some(doc.save()),
+        changes: Vec::new(),
+    }
+}
+
+const MANY: u32 = 2_000;
+
+#[test]
+fn equal_sets_of_many_documents_settle_in_one_round_trip_of_few_bytes() {
+    let documents: Vec<StoredDoc> = (0..MANY).map(|n| stored_doc(n, &["v"])).collect();
+    let mut pair = Pair::new([documents.clone(), documents]);
+    pair.connect();
+    let (initiator_frames, initiator_bytes) = pair.reconcile_traffic(0);
+    let (responder_frames, responder_bytes) = pair.reconcile_traffic(1);
+    assert_eq!((initiator_frames, responder_frames), (1, 1), "one round trip: {:?}", pair.sent);
+    assert!(
+        initiator_bytes < 1024 && responder_bytes < 1024,
+        "{initiator_bytes} {responder_bytes}"
+    );
+    assert!(pair.synced_documents().is_empty(), "equal documents need no sync");
+}
+
+#[test]
+fn only_the_documents_that_differ_are_synced_and_both_sides_converge() {
+    let common: Vec<StoredDoc> = (0..MANY).map(|n| stored_doc(n, &["v"])).collect();
+    let (mut first, mut second) = (common.clone(), common);
+    // Held differently, held only by the initiator, held only by the responder.
+    second[700] = stored_doc(700, &["v", "w"]);
+    first.push(stored_doc(MANY, &["v"]));
+    second.push(stored_doc(MANY + 1, &["v"]));
+    let differing: BTreeSet<DocId> =
+        [second[700].doc_id, first[MANY as usize].doc_id, second[MANY as usize].doc_id].into();
+    let mut pair = Pair::new([first, second]);
+    pair.connect();
+    assert_eq!(pair.synced_documents(), differing);
+    let heads = pair.heads(0);
+    assert_eq!(heads.len(), MANY as usize + 2);
+    assert_eq!(heads, pair.heads(1), "both sides hold the same documents at the same heads");
+    // The next anti-entropy session finds nothing left to do.
+    let sent_before = pair.sent.len();
+    let due = pair.nodes[0].poll_timeout().unwrap();
+    pair.nodes[0].handle_timeout(due);
+    pair.run(due);
+    let after: Vec<&Message> = pair.sent[sent_before..].iter().map(|(_, m, _)| m).collect();
+    assert!(matches!(after.as_slice(), [Message::Reconcile { .. }, Message::Reconcile { .. }]));
 }

@@ -16,6 +16,7 @@ use cairn_shared::frame::{encode_frame, FrameDecoder};
 use cairn_shared::ids::{DocId, NodeId};
 use cairn_shared::message::{Envelope, InventoryEntry, Message, Role, PROTOCOL_VERSION};
 use cairn_shared::node::Request;
+use cairn_shared::reconcile::{Fingerprint, IdRange, RangePart, ReconcileMessage};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -159,6 +160,14 @@ fn attacks(cluster: &Cluster) -> Vec<Attack> {
         sync_message: b"not an automerge sync message".to_vec(),
     };
     let early_inventory = Message::Inventory { entries: Vec::<InventoryEntry>::new() };
+    let summary = RangePart::Fingerprint {
+        range: IdRange::full(),
+        fingerprint: Fingerprint::EMPTY,
+        count: 0,
+    };
+    // Two summaries of the same range: a message no reconciler may answer.
+    let overlapping_ranges =
+        Message::Reconcile { message: ReconcileMessage { ranges: vec![summary; 2] } };
     vec![
         Attack {
             name: "garbage after hello",
@@ -178,6 +187,10 @@ fn attacks(cluster: &Cluster) -> Vec<Attack> {
         Attack { name: "message before hello", bytes: vec![frame_of(&early_inventory)] },
         Attack { name: "second hello", bytes: vec![hello(), hello()] },
         Attack { name: "garbage sync message", bytes: vec![hello(), frame_of(&garbage_sync)] },
+        Attack {
+            name: "overlapping reconciliation ranges",
+            bytes: vec![hello(), frame_of(&overlapping_ranges)],
+        },
         Attack {
             name: "split garbage",
             bytes: split(&[hello(), frame_of(&garbage_sync)].concat(), 3),

@@ -417,8 +417,9 @@ impl Session {
             }),
             // The node refuses what the client sent (for example a bad sync message).
             Message::Refuse { reason, .. } => step.end = Some(Ending::Protocol(reason)),
-            // The handshake and inventories are for nodes; clients name their documents.
-            Message::Hello { .. } | Message::Inventory { .. } => {}
+            // The handshake, inventories and reconciliation are for nodes; clients name their
+            // documents.
+            Message::Hello { .. } | Message::Inventory { .. } | Message::Reconcile { .. } => {}
         }
     }
 

@@ -29,6 +29,7 @@ use crate::peer::{Peer, PeerPhase};
 use crate::store_task::{StoreReply, StoreTask, StoredDoc};
 
 mod peering;
+mod reconciling;
 mod requests;
 mod types;
 
@@ -174,8 +175,8 @@ impl Node {
             .min()
     }
 
-    /// Runs timers that are due: periodic anti-entropy with every replicating peer, and
-    /// durability waits that reached their deadline.
+    /// Runs timers that are due: periodic anti-entropy (a reconciliation session) with every
+    /// replicating peer, and durability waits that reached their deadline.
     pub fn handle_timeout(&mut self, now: Instant) {
         let silent: Vec<ConnId> = self
             .peers
@@ -201,7 +202,7 @@ impl Node {
         let conns: Vec<ConnId> =
             self.peers.iter().filter(|(_, p)| p.replicates_everything()).map(|(c, _)| *c).collect();
         for conn in conns {
-            self.send_inventory(conn);
+            self.start_reconciliation(conn);
         }
     }
 

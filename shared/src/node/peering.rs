@@ -1,4 +1,5 @@
 //! The peer protocol: handshake, inventories, Automerge sync per document, refusals.
+//! Reconciliation, which replaced sending inventories, is in `reconciling`.
 
 use std::time::{Duration, Instant};
 
@@ -9,9 +10,7 @@ use super::{ConnId, DurabilityReport, Node, Output, Response};
 use crate::document::{guarded, heads_digest, Document, DocumentError};
 use crate::frame::encode_frame;
 use crate::ids::{Collection, DocId, NodeId};
-use crate::message::{
-    Envelope, InventoryEntry, Message, Role, MAX_INVENTORY_ENTRIES_PER_MESSAGE, PROTOCOL_VERSION,
-};
+use crate::message::{Envelope, InventoryEntry, Message, Role, PROTOCOL_VERSION};
 use crate::peer::{Peer, PeerPhase};
 
 impl Node {
@@ -79,9 +78,7 @@ impl Node {
                     );
                 }
                 peer.phase = PeerPhase::Ready(role);
-                if role != Role::Client {
-                    self.send_inventory(conn);
-                }
+                self.start_reconciliation(conn);
             }
             (_, Message::Refuse { reason, .. }) => {
                 self.outputs
@@ -90,6 +87,9 @@ impl Node {
             }
             (PeerPhase::Ready(_), Message::Inventory { entries }) => {
                 self.on_inventory(conn, entries)
+            }
+            (PeerPhase::Ready(_), Message::Reconcile { message }) => {
+                self.on_reconcile(conn, &message)
             }
             (PeerPhase::Ready(_), Message::DocSync { doc_id, collection, sync_message }) => {
                 self.on_doc_sync(conn, doc_id, collection, &sync_message)
@@ -262,22 +262,6 @@ impl Node {
         }
         let collection = document.collection.clone();
         self.send(conn, Message::DocSync { doc_id, collection, sync_message: message.encode() });
-    }
-
-    pub(super) fn send_inventory(&mut self, conn: ConnId) {
-        let entries: Vec<InventoryEntry> = self
-            .documents
-            .iter()
-            .filter(|(_, d)| !d.is_placeholder)
-            .map(|(doc_id, d)| InventoryEntry {
-                doc_id: *doc_id,
-                collection: d.collection.clone(),
-                heads_digest: heads_digest(&d.doc.get_heads()),
-            })
-            .collect();
-        for chunk in entries.chunks(MAX_INVENTORY_ENTRIES_PER_MESSAGE) {
-            self.send(conn, Message::Inventory { entries: chunk.to_vec() });
-        }
     }
 
     pub(super) fn send(&mut self, conn: ConnId, message: Message) {
