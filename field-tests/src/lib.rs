@@ -8,6 +8,7 @@
 pub mod client {
     pub use cairn_client::*;
 }
+pub mod bench;
 pub mod process;
 pub mod raw_peer;
 

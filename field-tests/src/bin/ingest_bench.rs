@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use automerge::transaction::Transactable;
 use automerge::{Automerge, ObjType, ReadDoc, ROOT};
+use field_tests::bench::{machine, proc_status_kib, thousands};
 use field_tests::{free_udp_port, wait_for, Agent, ApiClient, Hub, TestDir};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -303,15 +304,6 @@ fn check_text(api: &ApiClient, id: &str, node: &str, expected: &str) -> anyhow::
     Ok(())
 }
 
-/// A `kB` field of `/proc/<pid>/status`, such as `VmHWM` (peak RSS).
-fn proc_status_kib(pid: &str, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|line| {
-        let rest = line.strip_prefix(field)?.strip_prefix(':')?;
-        rest.trim().strip_suffix("kB")?.trim().parse().ok()
-    })
-}
-
 /// Resets this process's peak RSS to its current RSS, so each replay reports its own peak.
 fn reset_own_peak_rss() -> bool {
     // "5" resets VmHWM (Linux 4.0 and later).
@@ -334,33 +326,12 @@ fn filesystem_of(path: &Path) -> String {
         .map_or_else(|| "unknown filesystem".into(), |(_, fs)| fs)
 }
 
-fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
-                .map(|(_, m)| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    format!("{cpus} CPUs (nproc), {model}")
-}
-
 /// A rate with thousands separators.
 fn group(value: f64) -> String {
     if !value.is_finite() {
         return "-".into();
     }
-    let digits = format!("{:.0}", value.max(0.0));
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
+    thousands(value.max(0.0).round() as u64)
 }
 
 fn mib(kib: Option<u64>) -> String {
