@@ -424,6 +424,18 @@ fn a_token_guarded_api_answers_401_without_the_token() {
             assert_eq!(response.body["error"]["code"], "unauthorized");
         }
     }
+    // Browsers cannot send headers on a WebSocket: the sync endpoint takes the token as a
+    // query parameter, and no other route does.
+    for (path, expected) in
+        [("/v1/sync?access_token=wrong", 401), ("/v1/status?access_token=t", 401)]
+    {
+        assert_eq!(anonymous.send("GET", path, None).unwrap().status, expected, "{path}");
+    }
+    let upgrade_without_handshake = anonymous.send("GET", "/v1/sync?access_token=t", None).unwrap();
+    assert_ne!(
+        upgrade_without_handshake.status, 401,
+        "the query token must open the sync endpoint"
+    );
     let status = right.status().unwrap();
     assert_eq!((status.documents, status.feed_cursor), (0, 0), "a refused write was applied");
     let id = right.create("notes", &json!({"a": 1})).unwrap();

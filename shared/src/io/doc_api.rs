@@ -77,7 +77,8 @@ async fn openapi() -> impl IntoResponse {
     ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
-/// Requires `Authorization: Bearer <token>` on every request, when a token is configured.
+/// Requires `Authorization: Bearer <token>` on every request, when a token is configured
+/// (or, for the WebSocket sync endpoint, `?access_token=<token>`).
 pub fn require_token(router: Router, token: Option<String>) -> Router {
     let Some(token) = token else { return router };
     let token: Arc<str> = token.into();
@@ -89,7 +90,8 @@ pub fn require_token(router: Router, token: Option<String>) -> Router {
                     .headers()
                     .get(axum::http::header::AUTHORIZATION)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "));
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .or_else(|| websocket_token(&request));
                 if presented.is_some_and(|p| same_secret(p.as_bytes(), token.as_bytes())) {
                     next.run(request).await
                 } else {
@@ -103,6 +105,16 @@ pub fn require_token(router: Router, token: Option<String>) -> Router {
             }
         },
     ))
+}
+
+/// The token of a WebSocket upgrade to the sync endpoint, from its `access_token` query
+/// parameter: browsers cannot set headers on a WebSocket. Only there, since a token in a URL
+/// can end up in logs.
+fn websocket_token(request: &axum::extract::Request) -> Option<&str> {
+    if request.uri().path() != super::repo_ws::SYNC_PATH {
+        return None;
+    }
+    request.uri().query()?.split('&').find_map(|pair| pair.strip_prefix("access_token="))
 }
 
 /// Compares without stopping at the first difference, so timing does not reveal the prefix.
