@@ -401,6 +401,27 @@ fn a_merge_of_corrupt_bytes_is_refused_whole() {
 }
 
 #[test]
+fn an_incremental_save_merges_and_history_the_document_lacks_is_refused() {
+    use automerge::transaction::Transactable;
+    let f = Fixture::new("incremental").unwrap();
+    let exported = f.api().export(&f.id).unwrap();
+    let mut fork =
+        automerge::AutoCommit::load(&exported).unwrap().with_actor(automerge::ActorId::random());
+    let base = fork.get_heads();
+    fork.put(automerge::ROOT, "step", 1).unwrap();
+    let middle = fork.get_heads();
+    fork.put(automerge::ROOT, "step", 2).unwrap();
+    // Changes that build on history the document lacks are refused, and change nothing.
+    let import = format!("/v1/docs/{}/automerge", f.id);
+    f.refused("POST", &import, Some(&fork.save_after(&middle)), 400, "bad_automerge");
+    // An incremental save on top of what the document has is merged.
+    let written = f.api().import(&f.id, &fork.save_after(&base)).unwrap();
+    let expected: Vec<String> = fork.get_heads().iter().map(ToString::to_string).collect();
+    assert_eq!(written.heads, expected);
+    assert_eq!(f.api().read(&f.id).unwrap().unwrap().doc["step"], 2);
+}
+
+#[test]
 fn a_token_guarded_api_answers_401_without_the_token() {
     let dir = TestDir::new("bad-token").unwrap();
     let args = ["--api-token".to_owned(), "t".to_owned()];

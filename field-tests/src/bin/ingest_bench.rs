@@ -6,8 +6,15 @@
 //! once durable) and requests are sent one after another, because trace order matters: the
 //! figures are for one sequential writer, so group commit has nothing to fold.
 //!
+//! With `--am-trace`, it also replays saved Automerge documents (the Eg-walker traces S1, C1,
+//! C2 and A2): their changes, in causal order and in batches, are applied to a bare document
+//! in process, and imported as raw change bytes into agent A, one durable merge per request,
+//! until agent B has the saved document's heads. C1 and C2 are two users editing concurrently,
+//! the expensive case for merges.
+//!
 //! Build the release binaries first: `cargo build --release --workspace --bins`, then
-//! `cargo run --release -p field-tests --bin ingest-bench -- [--trace PATH] [--batch N[:EDITS] ...] [--limit N]`.
+//! `cargo run --release -p field-tests --bin ingest-bench -- [--trace PATH] [--batch N[:EDITS] ...] [--limit N]
+//! [--am-trace NAME_OR_PATH ...] [--am-batch N]`.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -16,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use automerge::transaction::Transactable;
-use automerge::{Automerge, ObjType, ReadDoc, ROOT};
+use automerge::{AutoSerde, Automerge, Change, ObjType, ReadDoc, ROOT};
 use field_tests::bench::{machine, proc_status_kib, thousands};
 use field_tests::{free_udp_port, wait_for, Agent, ApiClient, Hub, TestDir};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
@@ -46,6 +53,16 @@ const RAW_REPEATS: usize = 3;
 /// How long agent B may take to catch up after A's last answer.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// The saved-document traces `--am-traces all` replays, found next to the edit trace.
+const ALL_AM_TRACES: &[&str] = &["S1", "C1", "C2", "A2"];
+
+/// Default number of changes per `.am` request (and per in-process `apply_changes`).
+const DEFAULT_AM_BATCH: usize = 100;
+
+/// Largest request body a `.am` batch may have: the API refuses bodies over 8 MiB, and a
+/// margin keeps clear of it.
+const MAX_AM_BODY_BYTES: usize = 7 * 1024 * 1024;
+
 /// One edit of the trace: at `pos`, delete `delete` characters, then insert `insert`.
 #[derive(Debug, Clone)]
 struct Edit {
@@ -68,10 +85,14 @@ struct Args {
     trace: PathBuf,
     runs: Vec<(usize, Option<usize>)>,
     limit: Option<usize>,
+    /// Saved-document traces to replay, as names (next to the edit trace) or paths.
+    am_traces: Vec<String>,
+    am_batch: usize,
 }
 
 const USAGE: &str = "\
 usage: ingest-bench [--trace PATH] [--batch N[:EDITS][,N[:EDITS]...]]... [--limit N]
+                    [--am-trace NAME_OR_PATH]... [--am-traces all] [--am-batch N]
 
   --trace PATH    automerge-perf edits.json (default: shared/data/automerge-traces/edits.json
                   next to the repository)
@@ -79,12 +100,18 @@ usage: ingest-bench [--trace PATH] [--batch N[:EDITS][,N[:EDITS]...]]... [--limi
                   comma-separated; N:EDITS replays only the first EDITS edits. Default:
                   1 (first 5000 edits), 100, 1000 (whole trace). Batch sizes below 10
                   replay the first 5000 edits unless EDITS or --limit is given.
-  --limit N       replay at most the first N edits in every run";
+  --limit N       replay at most the first N edits in every run
+  --am-trace T    also replay a saved Automerge document's changes (S1, C1, C2, A2: names
+                  resolve next to the edit trace; or a path); repeatable or comma-separated
+  --am-traces all the same for S1, C1, C2 and A2
+  --am-batch N    changes per request and per in-process apply for --am-trace (default 100)";
 
 fn parse_args() -> anyhow::Result<Option<Args>> {
     let mut trace = PathBuf::from(DEFAULT_TRACE);
     let mut runs = Vec::new();
     let mut limit = None;
+    let mut am_traces = Vec::new();
+    let mut am_batch = DEFAULT_AM_BATCH;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
@@ -100,6 +127,19 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
                 anyhow::ensure!(n > 0, "--limit must be positive");
                 limit = Some(n);
             }
+            "--am-trace" | "--am-traces" => {
+                for name in value(&arg)?.split(',').filter(|s| !s.is_empty()) {
+                    if name == "all" {
+                        am_traces.extend(ALL_AM_TRACES.iter().map(|n| n.to_string()));
+                    } else {
+                        am_traces.push(name.to_owned());
+                    }
+                }
+            }
+            "--am-batch" => {
+                am_batch = value("--am-batch")?.parse().context("--am-batch")?;
+                anyhow::ensure!(am_batch > 0, "--am-batch must be positive");
+            }
             "-h" | "--help" => return Ok(None),
             other => anyhow::bail!("unknown argument {other:?}\n{USAGE}"),
         }
@@ -107,7 +147,7 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
     if runs.is_empty() {
         runs = DEFAULT_RUNS.to_vec();
     }
-    Ok(Some(Args { trace, runs, limit }))
+    Ok(Some(Args { trace, runs, limit, am_traces, am_batch }))
 }
 
 fn parse_batch_spec(spec: &str) -> anyhow::Result<(usize, Option<usize>)> {
@@ -304,6 +344,278 @@ fn check_text(api: &ApiClient, id: &str, node: &str, expected: &str) -> anyhow::
     Ok(())
 }
 
+/// A saved Automerge document cut into the batches that are replayed.
+struct AmTrace {
+    name: String,
+    path: PathBuf,
+    changes: usize,
+    /// The saved document's heads, as sorted hex.
+    heads: Vec<String>,
+    /// Changes in causal order, `--am-batch` per batch, cut further where the raw bytes of a
+    /// batch would not fit in one request body.
+    batches: Vec<Vec<Change>>,
+}
+
+impl AmTrace {
+    /// Changes after the first batch: the ones timed, since the first creates the document.
+    fn timed_changes(&self) -> usize {
+        self.changes - self.batches.first().map_or(0, Vec::len)
+    }
+}
+
+/// Finds a saved-document trace: a path as given, else a name next to the edit trace, with or
+/// without `.am`.
+fn resolve_am_trace(name: &str, data_dir: &Path) -> anyhow::Result<PathBuf> {
+    let candidates =
+        [PathBuf::from(name), data_dir.join(name), data_dir.join(format!("{name}.am"))];
+    candidates.into_iter().find(|p| p.is_file()).with_context(|| {
+        format!("no Automerge trace {name:?} (nor {name}.am in {})", data_dir.display())
+    })
+}
+
+fn load_am_trace(name: &str, data_dir: &Path, batch: usize) -> anyhow::Result<AmTrace> {
+    let path = resolve_am_trace(name, data_dir)?;
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let doc = Automerge::load(&bytes)
+        .with_context(|| format!("{} is not an Automerge document", path.display()))?;
+    let heads = sorted_hex(&doc.get_heads());
+    let changes = doc.get_changes(&[]);
+    let total = changes.len();
+    anyhow::ensure!(total > 0, "{} has no changes", path.display());
+    let mut batches: Vec<Vec<Change>> = Vec::new();
+    let mut changes = changes.into_iter().peekable();
+    while changes.peek().is_some() {
+        let mut current = Vec::new();
+        let mut size = 0;
+        while let Some(change) = changes.next_if(|c| {
+            current.len() < batch
+                && (current.is_empty() || size + c.raw_bytes().len() <= MAX_AM_BODY_BYTES)
+        }) {
+            size += change.raw_bytes().len();
+            current.push(change);
+        }
+        anyhow::ensure!(
+            size <= MAX_AM_BODY_BYTES,
+            "{}: one change is {size} bytes, more than a request may carry",
+            path.display()
+        );
+        batches.push(current);
+    }
+    let name = path.file_stem().map_or_else(|| name.to_owned(), |s| s.to_string_lossy().into());
+    Ok(AmTrace { name, path, changes: total, heads, batches })
+}
+
+fn sorted_hex(heads: &[automerge::ChangeHash]) -> Vec<String> {
+    let mut hex: Vec<String> = heads.iter().map(ToString::to_string).collect();
+    hex.sort();
+    hex
+}
+
+/// The raw bytes of a batch's changes, one after another: what an incremental save holds.
+fn change_bytes(batch: &[Change]) -> Vec<u8> {
+    batch.iter().flat_map(|c| c.raw_bytes().iter().copied()).collect()
+}
+
+/// Result of an in-process `.am` replay.
+struct AmRawResult {
+    /// Time to apply every batch after the first.
+    elapsed: Duration,
+    /// The replayed document as the API materializes it.
+    json: Value,
+}
+
+/// Applies the batches to a fresh document, one `apply_changes` per batch, timing all but the
+/// first (which the end-to-end run spends creating the document).
+fn am_raw_replay(trace: &AmTrace) -> anyhow::Result<AmRawResult> {
+    // Changes are cloned before the clock starts: the copies are the input, not the work.
+    let mut batches = trace.batches.clone().into_iter();
+    let mut doc = Automerge::new();
+    doc.apply_changes(batches.next().unwrap_or_default())?;
+    let started = Instant::now();
+    for batch in batches {
+        doc.apply_changes(batch)?;
+    }
+    let elapsed = started.elapsed();
+    let heads = sorted_hex(&doc.get_heads());
+    anyhow::ensure!(
+        heads == trace.heads,
+        "{}: replaying its changes gave heads {heads:?}, the saved document has {:?}",
+        trace.name,
+        trace.heads
+    );
+    Ok(AmRawResult { elapsed, json: serde_json::to_value(AutoSerde::from(&doc))? })
+}
+
+fn am_raw_floor(trace: &AmTrace) -> anyhow::Result<AmRawResult> {
+    let mut best = am_raw_replay(trace)?;
+    for _ in 1..RAW_REPEATS {
+        let again = am_raw_replay(trace)?;
+        anyhow::ensure!(again.json == best.json, "{}: replays differ", trace.name);
+        best.elapsed = best.elapsed.min(again.elapsed);
+    }
+    Ok(best)
+}
+
+/// Creates the document on agent A from the first batch, then imports every other batch into
+/// A, one request at a time, and waits for agent B to reach the saved document's heads.
+fn am_end_to_end(trace: &AmTrace, expected: &Value) -> anyhow::Result<E2eResult> {
+    let dir = TestDir::new(&format!("ingest-bench-{}", trace.name))?;
+    let hub = Hub::start(dir.path(), "hub", free_udp_port()?)?;
+    let a = Agent::start(dir.path(), "agent-a", hub.quic)?;
+    let b = Agent::start(dir.path(), "agent-b", hub.quic)?;
+    // Bodies are built up front so the clock measures the service, not this client.
+    let bodies: Vec<Vec<u8>> = trace.batches.iter().map(|batch| change_bytes(batch)).collect();
+    let created = a.api.create_from_bytes("bench", &bodies[0])?;
+    let id = created.id;
+    let first_heads = {
+        let mut heads = created.heads;
+        heads.sort();
+        heads
+    };
+    // Discovery of the document is not what is measured: start once B has the first batch.
+    wait_for("agent B to have the first batch", CATCH_UP_TIMEOUT, || {
+        b.api.try_read(&id).filter(|view| sorted(view.heads.clone()) == first_heads)
+    })?;
+
+    let timed = bodies.len() - 1;
+    let step = timed.div_ceil(10).max(1);
+    let mut done = 0;
+    let started = Instant::now();
+    for (i, (body, batch)) in bodies.iter().zip(&trace.batches).enumerate().skip(1) {
+        a.api
+            .import(&id, body)
+            .with_context(|| format!("{}: importing batch {i} into agent A", trace.name))?;
+        done += batch.len();
+        if i % step == 0 && i < timed {
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!(
+                "  {}: {:>3}% {done} changes acked in {secs:.1} s ({} changes/s)",
+                trace.name,
+                i * 100 / timed,
+                group(done as f64 / secs)
+            );
+        }
+    }
+    let acked = started.elapsed();
+    eprintln!(
+        "  {}: all {done} changes acked by A in {:.2} s; waiting for B",
+        trace.name,
+        acked.as_secs_f64()
+    );
+    wait_for("agent B to reach the saved document's heads", CATCH_UP_TIMEOUT, || {
+        b.api.try_read(&id).filter(|view| sorted(view.heads.clone()) == trace.heads)
+    })?;
+    let visible = started.elapsed();
+
+    for (node, api) in [("B", &b.api), ("A", &a.api)] {
+        let view = api.read(&id)?.with_context(|| format!("agent {node} lost the document"))?;
+        anyhow::ensure!(
+            &view.doc == expected,
+            "{}: agent {node}'s document differs from the in-process replay",
+            trace.name
+        );
+    }
+    let hub_rss_kib = proc_status_kib(&hub.pid().to_string(), "VmHWM");
+    let a_rss_kib = proc_status_kib(&a.pid().to_string(), "VmHWM");
+    let b_rss_kib = proc_status_kib(&b.pid().to_string(), "VmHWM");
+    b.terminate()?;
+    a.terminate()?;
+    hub.terminate()?;
+    Ok(E2eResult { requests: bodies.len(), acked, visible, hub_rss_kib, a_rss_kib, b_rss_kib })
+}
+
+fn sorted(mut heads: Vec<String>) -> Vec<String> {
+    heads.sort();
+    heads
+}
+
+/// Replays every `.am` trace and prints their table.
+fn am_runs(names: &[String], data_dir: &Path, batch: usize) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    let mut single = Vec::new();
+    for name in names {
+        let trace = load_am_trace(name, data_dir, batch)?;
+        if trace.batches.len() == 1 {
+            // The first batch only creates the document, untimed: there is nothing to measure.
+            eprintln!(
+                "{}: all {} changes fit in one batch of {batch}; not timed",
+                trace.name, trace.changes
+            );
+            single.push(trace);
+            continue;
+        }
+        eprintln!(
+            "{} ({}): {} changes in {} batches",
+            trace.name,
+            trace.path.display(),
+            trace.changes,
+            trace.batches.len()
+        );
+        let raw = am_raw_floor(&trace)?;
+        eprintln!(
+            "  {}: in-process apply {:.3} s at best ({} changes/s)",
+            trace.name,
+            raw.elapsed.as_secs_f64(),
+            group(rate(trace.timed_changes(), raw.elapsed))
+        );
+        let e2e = am_end_to_end(&trace, &raw.json)?;
+        eprintln!(
+            "  {}: B has the saved document's heads after {:.2} s",
+            trace.name,
+            e2e.visible.as_secs_f64()
+        );
+        rows.push((trace, raw, e2e));
+    }
+
+    println!("\n## Saved Automerge documents, {batch} changes per batch\n");
+    println!(
+        "| trace | changes | batches | raw apply changes/s | e2e acked changes/s \
+         | e2e B-visible changes/s | B-visible/raw | hub peak RSS MiB | A peak RSS MiB \
+         | B peak RSS MiB |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (trace, raw, e2e) in &rows {
+        let timed = trace.timed_changes();
+        let raw_rate = rate(timed, raw.elapsed);
+        let visible_rate = rate(timed, e2e.visible);
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {:.4} | {} | {} | {} |",
+            trace.name,
+            group(trace.changes as f64),
+            group(e2e.requests as f64),
+            group(raw_rate),
+            group(rate(timed, e2e.acked)),
+            group(visible_rate),
+            visible_rate / raw_rate,
+            mib(e2e.hub_rss_kib),
+            mib(e2e.a_rss_kib),
+            mib(e2e.b_rss_kib),
+        );
+    }
+    for trace in &single {
+        println!("| {} | {} | 1 | - | - | - | - | - | - | - |", trace.name, trace.changes);
+    }
+    println!();
+    if !single.is_empty() {
+        println!(
+            "Traces with one batch only create the document, which is not timed; a smaller \
+             --am-batch splits them if they have more than one change."
+        );
+    }
+    println!(
+        "Changes in causal order (`get_changes(&[])`), at most {batch} per batch (fewer where \
+         a batch's bytes would pass {} MiB). The first batch creates the document and is not \
+         timed; rates are over the other changes. Raw apply: in-process `apply_changes` per \
+         batch into a fresh document, fastest of {RAW_REPEATS}. End to end: sequential \
+         POST /v1/docs/{{id}}/automerge of each batch's raw change bytes to agent A, one \
+         durable merge per request; acked is until A's last answer, B-visible until agent B \
+         reports the saved document's heads (polled every 25 ms). B's and A's JSON equal the \
+         in-process replay's.",
+        MAX_AM_BODY_BYTES / (1024 * 1024)
+    );
+    Ok(())
+}
+
 /// Resets this process's peak RSS to its current RSS, so each replay reports its own peak.
 fn reset_own_peak_rss() -> bool {
     // "5" resets VmHWM (Linux 4.0 and later).
@@ -496,5 +808,9 @@ fn run() -> anyhow::Result<()> {
          they were stopped.",
         bases.join(", ")
     );
+    if !args.am_traces.is_empty() {
+        let data_dir = trace_path.parent().unwrap_or(Path::new("."));
+        am_runs(&args.am_traces, data_dir, args.am_batch)?;
+    }
     Ok(())
 }

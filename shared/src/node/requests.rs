@@ -234,15 +234,25 @@ impl Node {
             None => self.documents.get_mut(&doc_id)?,
         };
         let before = document.doc.get_heads();
-        // Parse everything into a scratch document first, refusing partial data, so an upload
-        // is merged whole or not at all.
+        // Parse everything into a scratch document first, refusing partial data, so a damaged
+        // upload is refused whole rather than merged up to the damage.
         let options = LoadOptions::new().on_partial_load(OnPartialLoad::Error);
-        let mut scratch = match guarded(|| Automerge::load_with_options(bytes, options)) {
-            Ok(scratch) => scratch,
+        let parsed = match guarded(|| Ok(Automerge::load_with_options(bytes, options))) {
+            Ok(parsed) => parsed,
             Err(error) => return Some(Err(RequestError::BadBytes(error.to_string()))),
         };
-        match guarded(|| document.doc.merge(&mut scratch)) {
-            Ok(_) => {}
+        let merged = match parsed {
+            // A self-contained upload (a saved document, or changes from the start).
+            Ok(mut scratch) => guarded(|| document.doc.merge(&mut scratch).map(|_| ())),
+            // Every chunk parsed, but the changes build on history the upload does not carry,
+            // as in an incremental save: they apply on top of this document.
+            Err(automerge::AutomergeError::MissingDeps) => {
+                guarded(|| document.doc.load_incremental(bytes).map(|_| ()))
+            }
+            Err(error) => return Some(Err(RequestError::BadBytes(error.to_string()))),
+        };
+        match merged {
+            Ok(()) => {}
             Err(DocumentError::Refused(error)) => return Some(Err(RequestError::BadBytes(error))),
             Err(DocumentError::Panicked(error)) => {
                 if fresh.is_none() {
@@ -250,6 +260,12 @@ impl Node {
                 }
                 return Some(Err(RequestError::BadBytes(error)));
             }
+        }
+        if !document.doc.get_missing_deps(&[]).is_empty() {
+            // Automerge keeps such changes queued until their history arrives (by sync or a
+            // later upload), and applies them then; this upload alone changed nothing.
+            let missing = "the changes depend on history this document does not have";
+            return Some(Err(RequestError::BadBytes(missing.into())));
         }
         let heads = document.doc.get_heads();
         if heads.is_empty() {
