@@ -37,6 +37,17 @@ fn setup(role: Role, root: &Path, name: &str, ca: &str) -> NodeSetup {
     }
 }
 
+/// A hub node accepting QUIC on an ephemeral loopback port, as `cloud-hub` runs one.
+fn start_hub(root: &Path, limits: quic::AcceptLimits) -> (RunningNode, std::net::SocketAddr) {
+    let hub = RunningNode::start(&setup(Role::Hub, root, "hub", "ca")).unwrap();
+    let timing = LinkTiming::default();
+    let endpoint =
+        quic::server_endpoint(&hub.identity, "127.0.0.1:0".parse().unwrap(), &timing).unwrap();
+    let hub_addr = endpoint.local_addr().unwrap();
+    tokio::spawn(quic::accept_loop(endpoint, hub.handle.clone(), limits, std::future::pending()));
+    (hub, hub_addr)
+}
+
 async fn read(node: &RunningNode, doc_id: DocId) -> Option<(Vec<String>, serde_json::Value)> {
     match node.handle.request(Request::Read { doc_id }).await {
         Ok(Response::Document { heads, doc, .. }) => Some((heads, doc)),
@@ -61,11 +72,7 @@ async fn wait_for_heads(node: &RunningNode, doc_id: DocId, heads: &[String]) -> 
 async fn a_write_crosses_quic_to_the_hub_and_survives_a_restart_of_both() {
     let root = temp_dir("roundtrip");
     let timing = LinkTiming::default();
-    let hub = RunningNode::start(&setup(Role::Hub, &root, "hub", "ca")).unwrap();
-    let endpoint =
-        quic::server_endpoint(&hub.identity, "127.0.0.1:0".parse().unwrap(), &timing).unwrap();
-    let hub_addr = endpoint.local_addr().unwrap();
-    tokio::spawn(quic::accept_loop(endpoint, hub.handle.clone(), LIMITS, std::future::pending()));
+    let (hub, hub_addr) = start_hub(&root, LIMITS);
 
     let agent = RunningNode::start(&setup(Role::Agent, &root, "agent", "ca")).unwrap();
     let client = quic::client_endpoint(&agent.identity, &timing).unwrap();
@@ -105,11 +112,7 @@ async fn a_write_crosses_quic_to_the_hub_and_survives_a_restart_of_both() {
 async fn a_node_with_a_certificate_from_another_ca_is_refused_by_tls() {
     let root = temp_dir("foreign");
     let timing = LinkTiming::default();
-    let hub = RunningNode::start(&setup(Role::Hub, &root, "hub", "ca")).unwrap();
-    let endpoint =
-        quic::server_endpoint(&hub.identity, "127.0.0.1:0".parse().unwrap(), &timing).unwrap();
-    let hub_addr = endpoint.local_addr().unwrap();
-    tokio::spawn(quic::accept_loop(endpoint, hub.handle.clone(), LIMITS, std::future::pending()));
+    let (hub, hub_addr) = start_hub(&root, LIMITS);
 
     let stranger = RunningNode::start(&setup(Role::Agent, &root, "stranger", "other-ca")).unwrap();
     let client = quic::client_endpoint(&stranger.identity, &timing).unwrap();
@@ -142,13 +145,9 @@ async fn a_node_with_a_certificate_from_another_ca_is_refused_by_tls() {
 async fn a_connection_that_never_opens_its_stream_is_closed() {
     let root = temp_dir("silent");
     let timing = LinkTiming::default();
-    let hub = RunningNode::start(&setup(Role::Hub, &root, "hub", "ca")).unwrap();
-    let endpoint =
-        quic::server_endpoint(&hub.identity, "127.0.0.1:0".parse().unwrap(), &timing).unwrap();
-    let hub_addr = endpoint.local_addr().unwrap();
     let limits =
         quic::AcceptLimits { max_connections: 1, stream_timeout: Duration::from_millis(300) };
-    tokio::spawn(quic::accept_loop(endpoint, hub.handle.clone(), limits, std::future::pending()));
+    let (hub, hub_addr) = start_hub(&root, limits);
 
     let silent = RunningNode::start(&setup(Role::Agent, &root, "silent", "ca")).unwrap();
     let client = quic::client_endpoint(&silent.identity, &timing).unwrap();
