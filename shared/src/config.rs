@@ -23,6 +23,13 @@ pub struct SyncConfig {
     /// A connection whose peer has not said hello within this long is closed, in milliseconds,
     /// so a silent client cannot hold a connection slot.
     pub hello_timeout_ms: u64,
+    /// Budget of the document cache, in stored bytes (snapshot plus changes) of the documents
+    /// held in memory. Least recently used documents beyond it return to disk; documents with
+    /// work in progress stay, so the cache can briefly exceed it.
+    pub document_cache_bytes: usize,
+    /// Largest document, in stored bytes. A document at the limit takes no more local writes,
+    /// and one that a peer's changes would take past it is quarantined.
+    pub max_document_bytes: usize,
 }
 
 /// A configuration value is out of its allowed range.
@@ -44,13 +51,19 @@ impl SyncConfig {
             compact_after_changes: 512,
             max_clock_drift_ms: 500,
             hello_timeout_ms: 10_000,
+            document_cache_bytes: 32 * 1024 * 1024,
+            max_document_bytes: 64 * 1024 * 1024,
         }
     }
 
     /// Preset for hubs: repair rounds less often, since a hub has many peers. Frame limits stay
     /// equal on both sides: a frame one side may send, the other must accept.
     pub fn hub() -> Self {
-        Self { anti_entropy_interval_ms: 30_000, ..Self::edge() }
+        Self {
+            anti_entropy_interval_ms: 30_000,
+            document_cache_bytes: 256 * 1024 * 1024,
+            ..Self::edge()
+        }
     }
 
     /// Checks every value against its range.
@@ -67,6 +80,9 @@ impl SyncConfig {
         }
         if self.hello_timeout_ms < 10 {
             return Err(ConfigError("hello_timeout_ms must be at least 10".into()));
+        }
+        if self.max_document_bytes < 1024 {
+            return Err(ConfigError("max_document_bytes must be at least 1024".into()));
         }
         if self.compact_after_changes == 0 {
             return Err(ConfigError("compact_after_changes must be at least 1".into()));

@@ -56,6 +56,11 @@ pub struct Document {
     /// Appends of this document queued but not yet committed. While any is, the node tells
     /// no peer about the document, so it never advertises heads it could still lose.
     pub persisting: usize,
+    /// Bytes the document takes in the store (snapshot plus changes since): what the node's
+    /// document cache charges for holding it.
+    pub stored_bytes: usize,
+    /// When the node last used the document, in its own use counter (for eviction).
+    pub last_used: u64,
 }
 
 impl Document {
@@ -67,6 +72,8 @@ impl Document {
             changes_since_snapshot: 0,
             is_placeholder: true,
             persisting: 0,
+            stored_bytes: 0,
+            last_used: 0,
         }
     }
 
@@ -91,6 +98,8 @@ impl Document {
             changes_since_snapshot: stored.changes.len(),
             is_placeholder: false,
             persisting: 0,
+            stored_bytes: stored.stored_bytes(),
+            last_used: 0,
         })
     }
 

@@ -9,7 +9,7 @@ use automerge::sync;
 use crate::frame::FrameDecoder;
 use crate::ids::{DocId, NodeId};
 use crate::message::Role;
-use crate::reconcile::{MemoryStore, Reconciler};
+use crate::reconcile::SuspendedSession;
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,8 +39,8 @@ pub struct Peer {
     /// document for every call, not per change).
     pub awaiting_reply: BTreeSet<DocId>,
     /// This side of the reconciliation session in progress with the peer, if any: node
-    /// peers only. It holds the set as it was when the session began.
-    pub reconciler: Option<Reconciler<MemoryStore>>,
+    /// peers only. Each message is answered from the node's catalog as it is then.
+    pub reconcile_session: Option<SuspendedSession>,
 }
 
 impl Peer {
@@ -53,7 +53,7 @@ impl Peer {
             sync_states: BTreeMap::new(),
             hello_deadline: None,
             awaiting_reply: BTreeSet::new(),
-            reconciler: None,
+            reconcile_session: None,
         }
     }
 

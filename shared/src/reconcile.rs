@@ -695,6 +695,19 @@ impl ReconcileConfig {
     }
 }
 
+/// A session between messages: the answers that did not fit in the last one.
+#[derive(Debug, Default)]
+pub struct SuspendedSession {
+    pending: BTreeMap<DocId, RangePart>,
+}
+
+impl SuspendedSession {
+    /// Whether answers are waiting for a later message.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+}
+
 /// One side of one reconciliation session: a state machine from messages to messages.
 ///
 /// It reads `store` when a message arrives and holds only the answers that did not fit in
@@ -762,6 +775,23 @@ impl<S: ReconcileStore> Reconciler<S> {
     /// Ends the session and gives the store back.
     pub fn into_store(self) -> S {
         self.store
+    }
+
+    /// Sets the session aside, keeping only its unsent answers, so that the store can be
+    /// borrowed again (and change) before the next message; [`Reconciler::resume`] takes it
+    /// up with the store as it is then.
+    pub fn suspend(self) -> SuspendedSession {
+        SuspendedSession { pending: self.pending }
+    }
+
+    /// Takes up a session set aside by [`Reconciler::suspend`].
+    pub fn resume(
+        store: S,
+        config: ReconcileConfig,
+        session: SuspendedSession,
+    ) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Self { store, config, pending: session.pending })
     }
 
     /// A peer's range must not overlap one this side has answered and not yet sent: the two

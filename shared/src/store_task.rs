@@ -4,6 +4,8 @@
 //! [`StoreReply`]s with the same ids; the store executes tasks strictly in the order they were
 //! emitted, which is what lets a compaction delete "every change stored before it".
 
+use automerge::ChangeHash;
+
 use crate::ids::{Collection, DocId, NodeId};
 
 /// A durable store operation.
@@ -52,6 +54,26 @@ pub struct StoredDoc {
     pub snapshot: Option<Vec<u8>>,
     /// Changes stored since the snapshot, in the order they were stored.
     pub changes: Vec<Vec<u8>>,
+}
+
+impl StoredDoc {
+    /// Bytes the document takes in the store.
+    pub fn stored_bytes(&self) -> usize {
+        self.snapshot.as_ref().map_or(0, Vec::len)
+            + self.changes.iter().map(Vec::len).sum::<usize>()
+    }
+}
+
+/// A document's heads index entry: what a node knows of a stored document without loading
+/// it. The node holds one per document, so a cold document costs this much memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// Its collection.
+    pub collection: Collection,
+    /// Its committed heads.
+    pub heads: Vec<ChangeHash>,
+    /// It carries the deletion tombstone.
+    pub deleted: bool,
 }
 
 /// The store's answer to a task.

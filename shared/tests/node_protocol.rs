@@ -8,13 +8,15 @@ use std::time::{Duration, Instant};
 
 use automerge::ActorId;
 use cairn_shared::config::SyncConfig;
+use cairn_shared::document::Document;
 use cairn_shared::frame::{encode_frame, FrameDecoder};
 use cairn_shared::ids::{DocId, NodeId};
 use cairn_shared::message::{Envelope, Message, Role, PROTOCOL_VERSION};
+use cairn_shared::node::RequestError;
 use cairn_shared::node::{Input, Node, Output, Request, Response};
 use cairn_shared::ops::Op;
 use cairn_shared::reconcile::{Fingerprint, IdRange, RangePart, ReconcileMessage};
-use cairn_shared::store_task::{StoreReply, StoreTask, StoredDoc};
+use cairn_shared::store_task::{IndexEntry, StoreReply, StoreTask, StoredDoc};
 use serde_json::json;
 
 const PEER: NodeId = NodeId::from_bytes([2; 16]);
@@ -330,6 +332,8 @@ struct Pair {
     nodes: [Node; 2],
     /// Every frame sent: by which node, its message, its size in bytes.
     sent: Vec<(usize, Message, usize)>,
+    /// Each side's store, for loads of cold documents.
+    stores: [BTreeMap<DocId, StoredDoc>; 2],
 }
 
 impl Pair {
@@ -343,7 +347,32 @@ impl Pair {
                 node.load(doc).unwrap();
             }
         }
-        Self { nodes, sent: Vec::new() }
+        Self { nodes, sent: Vec::new(), stores: Default::default() }
+    }
+
+    /// Both sides start as a real node does, from their heads index only, with a document
+    /// cache of `cache_bytes`.
+    fn cold(
+        documents: [Vec<StoredDoc>; 2],
+        cache_bytes: usize,
+        max_document_bytes: [usize; 2],
+    ) -> Self {
+        let config = |preset, max_document_bytes| SyncConfig {
+            document_cache_bytes: cache_bytes,
+            max_document_bytes,
+            ..preset
+        };
+        let hub = config(SyncConfig::hub(), max_document_bytes[0]);
+        let edge = config(SyncConfig::edge(), max_document_bytes[1]);
+        let mut nodes = [wired_node(1, Role::Hub, hub), wired_node(2, Role::Agent, edge)];
+        let mut stores: [BTreeMap<DocId, StoredDoc>; 2] = Default::default();
+        for side in 0..2 {
+            for doc in &documents[side] {
+                nodes[side].restore(doc.doc_id, index_entry(doc));
+                stores[side].insert(doc.doc_id, doc.clone());
+            }
+        }
+        Self { nodes, sent: Vec::new(), stores }
     }
 
     fn connect(&mut self) {
@@ -379,11 +408,42 @@ impl Pair {
                 }
                 self.nodes[1 - side].handle_input(now, Input::Received { conn: CONN, bytes });
             }
-            Output::Store { task, .. } => self.nodes[side]
-                .handle_input(now, Input::StoreDone { task, reply: StoreReply::Committed }),
+            Output::Store { task, action } => {
+                let reply = self.execute(side, action);
+                self.nodes[side].handle_input(now, Input::StoreDone { task, reply });
+            }
             Output::Close { reason, .. } => panic!("node {side} closed the link: {reason}"),
             Output::Respond { .. } => {}
         }
+    }
+
+    fn execute(&mut self, side: usize, action: StoreTask) -> StoreReply {
+        let store = &mut self.stores[side];
+        match action {
+            StoreTask::Append { doc_id, collection, changes, .. } => {
+                let stored = store.entry(doc_id).or_insert_with(|| StoredDoc {
+                    doc_id,
+                    collection,
+                    snapshot: None,
+                    changes: Vec::new(),
+                });
+                stored.changes.extend(changes);
+                StoreReply::Committed
+            }
+            StoreTask::Compact { doc_id, snapshot } => {
+                if let Some(stored) = store.get_mut(&doc_id) {
+                    stored.snapshot = Some(snapshot);
+                    stored.changes.clear();
+                }
+                StoreReply::Committed
+            }
+            StoreTask::Load { doc_id } => StoreReply::Loaded(store.get(&doc_id).cloned()),
+        }
+    }
+
+    /// Committed heads of every document on `side`, in memory or not.
+    fn catalog_heads(&self, side: usize) -> BTreeMap<DocId, Vec<automerge::ChangeHash>> {
+        self.nodes[side].catalog().map(|(id, e)| (*id, e.heads.clone())).collect()
     }
 
     /// Reconciliation frames sent by `side`, and their total size.
@@ -416,6 +476,16 @@ fn wired_node(id: u8, role: Role, config: SyncConfig) -> Node {
         .with_max_delta(Duration::from_millis(500))
         .build();
     Node::new(NodeId::from_bytes([id; 16]), role, ActorId::from(vec![id; 16]), hlc, config)
+}
+
+/// The heads index entry a store would hold for `stored`.
+fn index_entry(stored: &StoredDoc) -> IndexEntry {
+    let document = Document::load(stored, ActorId::random()).unwrap();
+    IndexEntry {
+        collection: stored.collection.clone(),
+        heads: document.doc.get_heads(),
+        deleted: false,
+    }
 }
 
 /// Document `n` as saved after `edits` changes, each by its own actor.
@@ -478,4 +548,112 @@ fn only_the_documents_that_differ_are_synced_and_both_sides_converge() {
     pair.run(due);
     let after: Vec<&Message> = pair.sent[sent_before..].iter().map(|(_, m, _)| m).collect();
     assert!(matches!(after.as_slice(), [Message::Reconcile { .. }, Message::Reconcile { .. }]));
+}
+
+#[test]
+fn reconciling_equal_cold_sets_loads_no_document() {
+    let documents: Vec<StoredDoc> = (0..MANY).map(|n| stored_doc(n, &["v"])).collect();
+    let mut pair = Pair::cold([documents.clone(), documents], 0, [1 << 20; 2]);
+    pair.connect();
+    assert_eq!(pair.reconcile_traffic(0).0, 1);
+    assert!(pair.synced_documents().is_empty());
+    for node in &pair.nodes {
+        assert_eq!(node.stats().document_loads, 0, "answering reconciliation loads nothing");
+        assert_eq!(node.cache_usage().0, 0);
+    }
+}
+
+#[test]
+fn only_differing_cold_documents_are_loaded_and_both_sides_converge() {
+    let common: Vec<StoredDoc> = (0..MANY).map(|n| stored_doc(n, &["v"])).collect();
+    let (mut first, mut second) = (common.clone(), common);
+    second[700] = stored_doc(700, &["v", "w"]);
+    first.push(stored_doc(MANY, &["v"]));
+    second.push(stored_doc(MANY + 1, &["v"]));
+    let mut pair = Pair::cold([first, second], 0, [1 << 20; 2]);
+    pair.connect();
+    assert_eq!(pair.synced_documents().len(), 3);
+    let heads = pair.catalog_heads(0);
+    assert_eq!(heads.len(), MANY as usize + 2);
+    assert_eq!(heads, pair.catalog_heads(1), "both sides committed the same heads");
+    for node in &pair.nodes {
+        // Document 700 and the one only this side held, each loaded once or twice (a load
+        // per exchange when the cache holds nothing); never the thousands that were equal.
+        let loads = node.stats().document_loads;
+        assert!((1..=8).contains(&loads), "{loads} loads");
+    }
+    // Everything left memory again once the exchanges were done.
+    pair.nodes[0].handle_timeout(Instant::now());
+    assert_eq!(pair.nodes[0].cache_usage().0, 0);
+}
+
+#[test]
+fn a_read_of_a_cold_document_waits_for_its_load() {
+    let stored = stored_doc(1, &["v"]);
+    let mut pair = Pair::cold([vec![stored.clone()], Vec::new()], 0, [1 << 20; 2]);
+    let now = Instant::now();
+    let node = &mut pair.nodes[0];
+    node.handle_input(
+        now,
+        Input::Request { id: 9, request: Request::Read { doc_id: stored.doc_id } },
+    );
+    let outputs = drain(node);
+    let [Output::Store { task, action: StoreTask::Load { doc_id } }] = outputs.as_slice() else {
+        panic!("expected one load, got {outputs:?}");
+    };
+    assert_eq!(*doc_id, stored.doc_id);
+    let reply = StoreReply::Loaded(Some(stored.clone()));
+    node.handle_input(now, Input::StoreDone { task: *task, reply });
+    let outputs = drain(node);
+    assert!(
+        matches!(&outputs[..], [Output::Respond { id: 9, result: Ok(Response::Document { doc, .. }) }] if doc["k"] == "v"),
+        "{outputs:?}"
+    );
+}
+
+#[test]
+fn a_document_that_cannot_be_loaded_is_quarantined_and_the_peer_stays_connected() {
+    let good = stored_doc(1, &["v"]);
+    let mut damaged = stored_doc(1, &["v", "w"]);
+    let entry = index_entry(&damaged);
+    damaged.snapshot = Some(vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3]);
+    let mut pair = Pair::cold([Vec::new(), vec![good]], 0, [1 << 20; 2]);
+    pair.nodes[0].restore(damaged.doc_id, entry);
+    pair.stores[0].insert(damaged.doc_id, damaged.clone());
+    pair.connect(); // A close would panic in `carry`.
+    let quarantined: Vec<DocId> = pair.nodes[0].quarantined().map(|(id, _)| *id).collect();
+    assert_eq!(quarantined, vec![damaged.doc_id]);
+    assert_eq!(pair.nodes[0].stats().documents_quarantined, 1);
+    assert_eq!(pair.nodes[0].ready_peers(), 1);
+    let now = Instant::now();
+    let request = Request::Read { doc_id: damaged.doc_id };
+    pair.nodes[0].handle_input(now, Input::Request { id: 3, request });
+    let outputs = drain(&mut pair.nodes[0]);
+    assert!(
+        matches!(
+            &outputs[..],
+            [Output::Respond { id: 3, result: Err(RequestError::Quarantined { .. }) }]
+        ),
+        "{outputs:?}"
+    );
+}
+
+#[test]
+fn a_merge_past_the_document_limit_quarantines_the_document_not_the_peer() {
+    // Hex of a pseudo-random sequence: Automerge compresses repetitive values away.
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let large: String = (0..4096)
+        .map(|_| {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            format!("{:04x}", seed >> 48)
+        })
+        .collect();
+    let big = stored_doc(1, &[large.as_str()]);
+    let small = stored_doc(2, &["v"]);
+    let mut pair = Pair::cold([Vec::new(), vec![big.clone(), small.clone()]], 0, [2048, 1 << 20]);
+    pair.connect();
+    let quarantined: Vec<DocId> = pair.nodes[0].quarantined().map(|(id, _)| *id).collect();
+    assert_eq!(quarantined, vec![big.doc_id]);
+    assert!(pair.catalog_heads(0).contains_key(&small.doc_id), "other documents still sync");
+    assert_eq!(pair.nodes[0].ready_peers(), 1);
 }

@@ -200,6 +200,12 @@ impl From<DriverError> for ApiError {
             DriverError::Request(e @ RequestError::BadBytes(_)) => {
                 Self::new(StatusCode::BAD_REQUEST, "bad_automerge", e.to_string())
             }
+            DriverError::Request(e @ RequestError::Quarantined { .. }) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "quarantined", e.to_string())
+            }
+            DriverError::Request(e @ RequestError::TooLarge { .. }) => {
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "document_too_large", e.to_string())
+            }
             DriverError::Stopped => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "stopped", "node is shutting down")
             }
@@ -561,6 +567,13 @@ async fn status(State(state): State<ApiState>) -> Result<impl IntoResponse, ApiE
         },
         "connected_peers": peers,
         "documents": report.documents,
+        "cache": { "documents": report.cache.0, "bytes": report.cache.1 },
+        "quarantined": {
+            "total": report.quarantined_total,
+            "documents": report.quarantined.iter()
+                .map(|(id, reason)| json!({ "id": id.to_string(), "reason": reason }))
+                .collect::<Vec<_>>(),
+        },
         "clock": report.clock.get_time().to_string_rfc3339_lossy(),
         "store_bytes": store_bytes,
         "feed_cursor": *state.feed_head.borrow(),

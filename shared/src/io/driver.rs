@@ -50,8 +50,14 @@ pub enum DriverError {
 pub struct NodeStatus {
     /// Protocol counters.
     pub stats: NodeStats,
-    /// Documents held.
+    /// Committed documents, in memory or not.
     pub documents: usize,
+    /// Documents in memory.
+    pub cached_documents: usize,
+    /// Stored bytes of the documents in memory (what the cache budget bounds).
+    pub cached_bytes: usize,
+    /// Documents quarantined.
+    pub quarantined: usize,
     /// Peers with a completed handshake.
     pub ready_peers: usize,
     /// Commands waiting in the node's queue.
@@ -292,6 +298,9 @@ impl Driver {
         let status = NodeStatus {
             stats: self.node.stats().clone(),
             documents: self.node.document_count(),
+            cached_documents: self.node.cache_usage().0,
+            cached_bytes: self.node.cache_usage().1,
+            quarantined: self.node.quarantined().count(),
             ready_peers: self.node.ready_peers(),
             queued_commands,
         };

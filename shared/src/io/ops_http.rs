@@ -29,7 +29,12 @@ pub struct Metrics {
     clock_drift_rejections: Counter,
     changes_committed: Counter,
     document_reloads: Counter,
+    document_loads: Counter,
+    document_evictions: Counter,
     documents: Gauge,
+    cached_documents: Gauge,
+    cached_bytes: Gauge,
+    quarantined_documents: Gauge,
     ready_peers: Gauge,
     queued_commands: Gauge,
     commit_latency_seconds: Histogram,
@@ -50,7 +55,12 @@ impl Metrics {
             clock_drift_rejections: Counter::default(),
             changes_committed: Counter::default(),
             document_reloads: Counter::default(),
+            document_loads: Counter::default(),
+            document_evictions: Counter::default(),
             documents: Gauge::default(),
+            cached_documents: Gauge::default(),
+            cached_bytes: Gauge::default(),
+            quarantined_documents: Gauge::default(),
             ready_peers: Gauge::default(),
             queued_commands: Gauge::default(),
             commit_latency_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
@@ -89,7 +99,36 @@ impl Metrics {
             "Documents reloaded after Automerge panicked",
             metrics.document_reloads.clone(),
         );
-        registry.register("documents", "Documents held", metrics.documents.clone());
+        registry.register(
+            "document_loads",
+            "Documents read back from the store into memory",
+            metrics.document_loads.clone(),
+        );
+        registry.register(
+            "document_evictions",
+            "Documents evicted from memory to stay within the cache budget",
+            metrics.document_evictions.clone(),
+        );
+        registry.register(
+            "documents",
+            "Committed documents, in memory or not",
+            metrics.documents.clone(),
+        );
+        registry.register(
+            "cached_documents",
+            "Documents in memory",
+            metrics.cached_documents.clone(),
+        );
+        registry.register(
+            "cached_bytes",
+            "Stored bytes of the documents in memory, bounded by document_cache_bytes",
+            metrics.cached_bytes.clone(),
+        );
+        registry.register(
+            "quarantined_documents",
+            "Documents held back because they could not be loaded or merged within limits",
+            metrics.quarantined_documents.clone(),
+        );
         registry.register(
             "ready_peers",
             "Connected peers with a completed handshake",
@@ -133,12 +172,21 @@ impl Metrics {
             (&self.clock_drift_rejections, s.clock_drift_rejections, last.clock_drift_rejections),
             (&self.changes_committed, s.changes_committed, last.changes_committed),
             (&self.document_reloads, s.document_reloads, last.document_reloads),
+            (&self.document_loads, s.document_loads, last.document_loads),
+            (&self.document_evictions, s.document_evictions, last.document_evictions),
         ];
         for (counter, now, before) in pairs {
             counter.inc_by(now.saturating_sub(before));
         }
         *last = status.stats.clone();
-        self.documents.set(i64::try_from(status.documents).unwrap_or(i64::MAX));
+        for (gauge, value) in [
+            (&self.documents, status.documents),
+            (&self.cached_documents, status.cached_documents),
+            (&self.cached_bytes, status.cached_bytes),
+            (&self.quarantined_documents, status.quarantined),
+        ] {
+            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+        }
         self.ready_peers.set(i64::try_from(status.ready_peers).unwrap_or(i64::MAX));
         self.queued_commands.set(i64::try_from(status.queued_commands).unwrap_or(i64::MAX));
     }

@@ -68,8 +68,6 @@ pub struct RunningNode {
     pub identity: Identity,
     /// What the operations endpoints serve.
     pub ops: OpsState,
-    /// Documents that could not be loaded at start (left on disk, untouched).
-    pub unloadable_documents: usize,
     /// Read-only queries on the store (listings, change feed).
     pub reader: Arc<StoreReader>,
     /// The newest committed change-feed position; changes whenever a commit adds events.
@@ -177,7 +175,7 @@ impl RunningNode {
         let store = Store::open(&database)?;
         let reader = Arc::new(StoreReader::open(&database)?);
         let (feed_head_tx, feed_head) = watch::channel(store.feed_head()?);
-        let stored = store.load_all()?;
+        let index = store.load_index()?;
         let hlc_id =
             uhlc::ID::try_from(*identity.node_id.as_bytes()).unwrap_or_else(|_| uhlc::ID::rand());
         let hlc = uhlc::HLCBuilder::new()
@@ -188,19 +186,13 @@ impl RunningNode {
         // A fresh actor per start: changes from before a crash never collide with new ones.
         let mut node =
             Node::new(identity.node_id, setup.role, ActorId::random(), hlc, setup.sync.clone());
-        let mut unloadable_documents = 0;
-        for doc in &stored {
-            if let Err(error) = node.load(doc) {
-                unloadable_documents += 1;
-                tracing::error!(doc_id = %doc.doc_id, %error, "document cannot be loaded; left on disk");
-            }
+        // Documents stay on disk until something needs them; one that then fails to load is
+        // quarantined, not fatal.
+        let documents = index.len();
+        for (doc_id, entry) in index {
+            node.restore(doc_id, entry);
         }
-        tracing::info!(
-            documents = stored.len() - unloadable_documents,
-            unloadable_documents,
-            "store loaded"
-        );
-        drop(stored);
+        tracing::info!(documents, "heads index loaded");
         let metrics = Arc::new(Metrics::new());
         let (queue_tx, queue_rx) = tokio::sync::mpsc::channel(super::store::STORE_QUEUE_CAPACITY);
         let (handle, replies, node_task) = spawn_node(node, queue_tx);
@@ -218,16 +210,7 @@ impl RunningNode {
         );
         let ops =
             OpsState { node: handle.clone(), metrics, ready: Arc::new(AtomicBool::new(false)) };
-        Ok(Self {
-            handle,
-            identity,
-            ops,
-            unloadable_documents,
-            reader,
-            feed_head,
-            node_task,
-            store_thread,
-        })
+        Ok(Self { handle, identity, ops, reader, feed_head, node_task, store_thread })
     }
 
     /// Stops the node loop, lets the store commit what it was given, and waits for both.

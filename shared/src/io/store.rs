@@ -12,12 +12,13 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use automerge::ChangeHash;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::mpsc;
 
 use crate::ids::{Collection, DocId};
 use crate::node::TaskId;
-use crate::store_task::{StoreReply, StoreTask, StoredDoc};
+use crate::store_task::{IndexEntry, StoreReply, StoreTask, StoredDoc};
 
 /// Most tasks folded into one transaction.
 pub const MAX_TASKS_PER_COMMIT: usize = 1024;
@@ -137,6 +138,39 @@ impl Store {
             }
         }
         Ok(docs)
+    }
+
+    /// Every stored document's heads index entry, in id order, for start-up: one scan of the
+    /// index, no document read.
+    pub fn load_index(&self) -> Result<Vec<(DocId, IndexEntry)>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT doc_id, collection, heads, deleted FROM documents ORDER BY doc_id")?;
+        let mut rows = statement.query([])?;
+        let mut entries = Vec::new();
+        while let Some(row) = rows.next()? {
+            let doc_id = DocId::from_slice(&row.get::<_, Vec<u8>>(0)?)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let collection: Collection = row
+                .get::<_, String>(1)?
+                .parse()
+                .map_err(|e: crate::ids::IdParseError| StoreError::Corrupt(e.to_string()))?;
+            let heads_bytes = row.get::<_, Vec<u8>>(2)?;
+            if heads_bytes.len() % 32 != 0 {
+                return Err(StoreError::Corrupt(format!("heads of {doc_id} are not whole hashes")));
+            }
+            let heads = heads_bytes
+                .chunks_exact(32)
+                .map(|chunk| {
+                    let mut hash = [0u8; 32];
+                    hash.copy_from_slice(chunk);
+                    ChangeHash(hash)
+                })
+                .collect();
+            let deleted = row.get::<_, bool>(3)?;
+            entries.push((doc_id, IndexEntry { collection, heads, deleted }));
+        }
+        Ok(entries)
     }
 
     /// One stored document.

@@ -26,8 +26,10 @@ use crate::durability::HubAcks;
 use crate::ids::{DocId, NodeId};
 use crate::message::Role;
 use crate::peer::{Peer, PeerPhase};
-use crate::store_task::{StoreReply, StoreTask, StoredDoc};
+use crate::store_task::{IndexEntry, StoreReply, StoreTask, StoredDoc};
 
+mod cache;
+mod catalog;
 mod peering;
 mod reconciling;
 mod requests;
@@ -41,14 +43,13 @@ pub use types::{
 /// What to do when a store task completes.
 #[derive(Debug)]
 enum Pending {
-    /// Answer a write with the heads it produced, and announce the document.
-    Write { request: RequestId, doc_id: DocId, heads: Vec<String> },
-    /// Announce a document that received remote changes.
-    Announce { doc_id: DocId },
+    /// Record the committed state in the catalog, answer the write waiting for it (with the
+    /// heads it produced), and announce the document.
+    Append { doc_id: DocId, entry: IndexEntry, reply_to: Option<RequestId> },
     /// Nothing to do (compaction).
     Nothing,
-    /// Put a reloaded document back.
-    Reload { doc_id: DocId },
+    /// Hold the document read back, and run the work waiting for it.
+    Load { doc_id: DocId },
 }
 
 /// The sync core of one node.
@@ -58,9 +59,19 @@ pub struct Node {
     actor: ActorId,
     hlc: uhlc::HLC,
     config: SyncConfig,
+    /// Every committed document, in memory or not.
+    catalog: catalog::Catalog,
+    /// Documents in memory: the cache, plus documents not yet committed.
     documents: BTreeMap<DocId, Document>,
-    /// Documents whose in-memory copy was discarded and is being read back from the store.
-    reloading: BTreeMap<DocId, ()>,
+    /// Documents in memory by last use, oldest first.
+    lru: BTreeMap<u64, DocId>,
+    use_clock: u64,
+    /// Stored bytes of the documents in memory, which `document_cache_bytes` bounds.
+    cached_bytes: usize,
+    /// Documents being read from the store, with the work waiting for them.
+    loading: BTreeMap<DocId, Vec<cache::Deferred>>,
+    /// Documents held back, with the reason.
+    quarantined: BTreeMap<DocId, String>,
     peers: BTreeMap<ConnId, Peer>,
     pending: BTreeMap<TaskId, Pending>,
     next_task: TaskId,
@@ -69,7 +80,7 @@ pub struct Node {
     hub_acks: HubAcks,
     /// Documents with news for peers, sent at the next flush of outputs.
     announced: BTreeSet<DocId>,
-    /// Reads waiting for a document's appends to commit.
+    /// Reads, and writes that changed nothing, waiting for a document's appends to commit.
     parked_reads: BTreeMap<DocId, Vec<(RequestId, Request)>>,
     stats: NodeStats,
 }
@@ -101,8 +112,13 @@ impl Node {
             actor,
             hlc,
             config,
+            catalog: catalog::Catalog::default(),
             documents: BTreeMap::new(),
-            reloading: BTreeMap::new(),
+            lru: BTreeMap::new(),
+            use_clock: 0,
+            cached_bytes: 0,
+            loading: BTreeMap::new(),
+            quarantined: BTreeMap::new(),
             peers: BTreeMap::new(),
             pending: BTreeMap::new(),
             next_task: 0,
@@ -115,10 +131,22 @@ impl Node {
         }
     }
 
-    /// Adds a document read from the store at start-up.
+    /// Adds a stored document's index entry at start-up, without loading the document: it
+    /// is read from the store when something first needs it.
+    pub fn restore(&mut self, doc_id: DocId, entry: IndexEntry) {
+        self.catalog.record(doc_id, entry);
+    }
+
+    /// Adds a document read from the store at start-up, loaded.
     pub fn load(&mut self, stored: &StoredDoc) -> Result<(), DocumentError> {
         let document = Document::load(stored, self.actor.clone())?;
-        self.documents.insert(stored.doc_id, document);
+        let entry = IndexEntry {
+            collection: document.collection.clone(),
+            heads: document.doc.get_heads(),
+            deleted: document.is_deleted(),
+        };
+        self.catalog.record(stored.doc_id, entry);
+        self.cache_insert(stored.doc_id, document);
         Ok(())
     }
 
@@ -137,15 +165,29 @@ impl Node {
         &self.stats
     }
 
-    /// Documents in memory.
+    /// Documents in memory (not those only the catalog holds).
     pub fn documents(&self) -> impl Iterator<Item = (&DocId, &Document)> {
         self.documents.iter().filter(|(_, d)| !d.is_placeholder)
     }
 
-    /// Documents in memory, counted in constant time (includes documents still arriving
-    /// from a peer, which [`Node::documents`] leaves out).
+    /// Every committed document's index entry, in memory or not.
+    pub fn catalog(&self) -> impl Iterator<Item = (&DocId, &IndexEntry)> {
+        self.catalog.iter()
+    }
+
+    /// Committed documents, counted in constant time.
     pub fn document_count(&self) -> usize {
-        self.documents.len()
+        self.catalog.len()
+    }
+
+    /// Documents in memory and the stored bytes they account for.
+    pub fn cache_usage(&self) -> (usize, usize) {
+        (self.documents.len(), self.cached_bytes)
+    }
+
+    /// Quarantined documents, with the reason each is held back.
+    pub fn quarantined(&self) -> impl Iterator<Item = (&DocId, &str)> {
+        self.quarantined.iter().map(|(id, reason)| (id, reason.as_str()))
     }
 
     /// Connections whose handshake completed.
@@ -155,6 +197,7 @@ impl Node {
 
     /// Feeds one input.
     pub fn handle_input(&mut self, now: Instant, input: Input) {
+        self.evict_over_budget();
         self.next_anti_entropy.get_or_insert(now + self.config.anti_entropy_interval());
         match input {
             Input::Connected { conn, peer } => self.on_connected(now, conn, peer),
@@ -178,6 +221,7 @@ impl Node {
     /// Runs timers that are due: periodic anti-entropy (a reconciliation session) with every
     /// replicating peer, and durability waits that reached their deadline.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.evict_over_budget();
         let silent: Vec<ConnId> = self
             .peers
             .iter()
@@ -221,7 +265,7 @@ impl Node {
 
     /// Documents whose current heads no hub has acknowledged yet.
     pub fn documents_pending_hub(&self) -> usize {
-        self.hub_acks.pending_documents(self.documents().map(|(id, d)| (id, d.doc.get_heads())))
+        self.hub_acks.pending_documents(self.catalog.iter().map(|(id, e)| (id, e.heads.clone())))
     }
 
     /// HLC time of the last sync message from a hub.
@@ -250,24 +294,30 @@ impl Node {
         document.persisting += 1;
         document.changes_since_snapshot += changes.len();
         self.stats.changes_committed += changes.len() as u64;
+        let mut stored_bytes = document.stored_bytes + changes.iter().map(Vec::len).sum::<usize>();
+        let entry = IndexEntry {
+            collection: document.collection.clone(),
+            heads: heads.clone(),
+            deleted: document.is_deleted(),
+        };
         let append = StoreTask::Append {
             doc_id,
-            collection: document.collection.clone(),
+            collection: entry.collection.clone(),
             changes,
             heads: heads.iter().map(|h| h.0).collect(),
             hlc,
             origin,
-            deleted: document.is_deleted(),
+            deleted: entry.deleted,
         };
         let compact = (document.changes_since_snapshot >= compact_after).then(|| {
             document.changes_since_snapshot = 0;
-            StoreTask::Compact { doc_id, snapshot: document.doc.save() }
+            let snapshot = document.doc.save();
+            stored_bytes = snapshot.len();
+            StoreTask::Compact { doc_id, snapshot }
         });
-        let then = match reply_to {
-            Some(request) => Pending::Write { request, doc_id, heads: heads_hex(&heads) },
-            None => Pending::Announce { doc_id },
-        };
-        self.store(append, then);
+        self.resize(doc_id, stored_bytes);
+        self.touch(doc_id);
+        self.store(append, Pending::Append { doc_id, entry, reply_to });
         if let Some(compact) = compact {
             self.store(compact, Pending::Nothing);
         }
@@ -282,21 +332,19 @@ impl Node {
 
     fn on_store_done(&mut self, task: TaskId, reply: StoreReply) {
         match (self.pending.remove(&task), reply) {
-            (Some(Pending::Write { request, doc_id, heads }), _) => {
-                let result = Ok(Response::Written { doc_id, heads });
-                self.outputs.push_back(Output::Respond { id: request, result });
+            (Some(Pending::Append { doc_id, entry, reply_to }), _) => {
+                if let Some(request) = reply_to {
+                    let result = Ok(Response::Written { doc_id, heads: heads_hex(&entry.heads) });
+                    self.outputs.push_back(Output::Respond { id: request, result });
+                }
+                self.catalog.record(doc_id, entry);
                 self.committed(doc_id);
             }
-            (Some(Pending::Announce { doc_id }), _) => self.committed(doc_id),
-            (Some(Pending::Reload { doc_id }), StoreReply::Loaded(stored)) => {
-                self.reloading.remove(&doc_id);
-                if let Some(stored) = stored {
-                    if self.load(&stored).is_ok() {
-                        self.announce(doc_id);
-                    }
-                }
+            (Some(Pending::Load { doc_id }), StoreReply::Loaded(stored)) => {
+                self.on_loaded(doc_id, stored);
             }
-            (Some(Pending::Nothing | Pending::Reload { .. }) | None, _) => {}
+            (Some(Pending::Load { doc_id }), StoreReply::Committed) => self.on_loaded(doc_id, None),
+            (Some(Pending::Nothing) | None, _) => {}
         }
     }
 
@@ -309,26 +357,34 @@ impl Node {
         if document.persisting == 0 {
             self.announce(doc_id);
             for (id, request) in self.parked_reads.remove(&doc_id).unwrap_or_default() {
-                if let Some(result) = self.read_committed(id, request) {
+                let result = match request {
+                    Request::Edit { doc_id, ops } => self.edit(id, doc_id, &ops),
+                    read => self.read_committed(id, read),
+                };
+                if let Some(result) = result {
                     self.outputs.push_back(Output::Respond { id, result });
                 }
             }
         }
     }
 
-    /// Discards a document that Automerge may have left inconsistent and reads it back.
+    /// Discards a document that Automerge may have left inconsistent and reads it back; one
+    /// never stored is only dropped, and its peers send it again.
     fn reload(&mut self, doc_id: DocId) {
         self.stats.document_reloads += 1;
-        self.documents.remove(&doc_id);
+        self.cache_remove(doc_id);
         for (id, _) in self.parked_reads.remove(&doc_id).unwrap_or_default() {
             self.outputs
                 .push_back(Output::Respond { id, result: Err(RequestError::Unavailable(doc_id)) });
         }
         for peer in self.peers.values_mut() {
             peer.sync_states.remove(&doc_id);
+            peer.awaiting_reply.remove(&doc_id);
         }
-        self.reloading.insert(doc_id, ());
-        self.store(StoreTask::Load { doc_id }, Pending::Reload { doc_id });
+        if self.catalog.contains(&doc_id) && !self.loading.contains_key(&doc_id) {
+            self.loading.insert(doc_id, Vec::new());
+            self.store(StoreTask::Load { doc_id }, Pending::Load { doc_id });
+        }
     }
 
     fn commit_time_secs(&self) -> i64 {

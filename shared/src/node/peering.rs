@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use automerge::sync::{self, SyncDoc};
 use automerge::ChangeHash;
 
+use super::cache::{Deferred, Residence};
 use super::{ConnId, DurabilityReport, Node, Output, Response};
 use crate::document::{guarded, heads_digest, Document, DocumentError};
 use crate::frame::encode_frame;
@@ -32,7 +33,7 @@ impl Node {
             let orphan = self.documents.get(doc_id).is_some_and(|d| d.is_placeholder)
                 && !self.peers.values().any(|p| p.sync_states.contains_key(doc_id));
             if orphan {
-                self.documents.remove(doc_id);
+                self.cache_remove(*doc_id);
             }
         }
     }
@@ -102,28 +103,39 @@ impl Node {
     }
 
     /// For every document the peer lists that we lack or hold differently, start a fresh sync.
+    /// Stored documents are compared by their catalog entry, so equal ones are never loaded.
     pub(super) fn on_inventory(&mut self, conn: ConnId, entries: Vec<InventoryEntry>) {
         for entry in entries {
-            if self.reloading.contains_key(&entry.doc_id) {
+            let doc_id = entry.doc_id;
+            if let Some(known) = self.catalog.get(&doc_id) {
+                if known.collection == entry.collection
+                    && heads_digest(&known.heads) != entry.heads_digest
+                {
+                    self.offer(conn, doc_id);
+                }
                 continue;
             }
-            let document = self
-                .documents
-                .entry(entry.doc_id)
-                .or_insert_with(|| Document::new(entry.collection.clone(), self.actor.clone()));
-            if document.collection != entry.collection {
-                continue;
+            if !self.documents.contains_key(&doc_id) {
+                let placeholder = Document::new(entry.collection.clone(), self.actor.clone());
+                self.cache_insert(doc_id, placeholder);
             }
-            if heads_digest(&document.doc.get_heads()) == entry.heads_digest {
-                continue;
-            }
-            if let Some(peer) = self.peers.get_mut(&conn) {
-                // A fresh state forgets anything a lost message left in flight.
-                peer.sync_states.insert(entry.doc_id, sync::State::new());
-                peer.awaiting_reply.remove(&entry.doc_id);
-            }
-            self.sync_with(conn, entry.doc_id);
+            self.offer(conn, doc_id);
         }
+    }
+
+    /// Starts syncing a document with a peer from a fresh sync state, loading it first if it
+    /// is cold. A fresh state forgets anything a lost message left in flight.
+    pub(super) fn offer(&mut self, conn: ConnId, doc_id: DocId) {
+        match self.locate(doc_id) {
+            Residence::Hot => {}
+            Residence::Cold => return self.defer(doc_id, Deferred::Offer { conn }),
+            Residence::Absent | Residence::Quarantined(_) => return,
+        }
+        if let Some(peer) = self.peers.get_mut(&conn) {
+            peer.sync_states.insert(doc_id, sync::State::new());
+            peer.awaiting_reply.remove(&doc_id);
+        }
+        self.sync_with(conn, doc_id);
     }
 
     pub(super) fn on_doc_sync(
@@ -133,20 +145,36 @@ impl Node {
         collection: Collection,
         bytes: &[u8],
     ) {
-        if self.reloading.contains_key(&doc_id) {
-            return; // The next anti-entropy round repairs what this drops.
-        }
         let message = match sync::Message::decode(bytes) {
             Ok(message) => message,
             Err(error) => {
                 return self.refuse(conn, format!("bad sync message for {doc_id}: {error}"))
             }
         };
-        let actor = self.actor.clone();
-        let document = self
-            .documents
-            .entry(doc_id)
-            .or_insert_with(|| Document::new(collection.clone(), actor));
+        match self.locate(doc_id) {
+            Residence::Hot => {}
+            Residence::Cold => {
+                let work = Deferred::Sync { conn, collection, bytes: bytes.to_vec() };
+                return self.defer(doc_id, work);
+            }
+            // The peer keeps syncing everything else; this document waits for an operator.
+            Residence::Quarantined(_) => return,
+            Residence::Absent => {
+                let placeholder = Document::new(collection.clone(), self.actor.clone());
+                self.cache_insert(doc_id, placeholder);
+            }
+        }
+        let limit = self.config.max_document_bytes;
+        let incoming: usize = message.changes.iter().map(<[u8]>::len).sum();
+        let Some(document) = self.documents.get_mut(&doc_id) else { return };
+        if document.stored_bytes.saturating_add(incoming) > limit {
+            let origin = self.peers.get(&conn).map(|p| p.node_id);
+            let reason = match origin {
+                Some(origin) => format!("changes from {origin} would take it past {limit} bytes"),
+                None => format!("changes would take it past {limit} bytes"),
+            };
+            return self.quarantine(doc_id, reason);
+        }
         let Some(peer) = self.peers.get_mut(&conn) else {
             return;
         };

@@ -7,14 +7,10 @@
 //! held differently starts Automerge's sync protocol with a fresh sync state, as an
 //! inventory used to.
 
-use automerge::sync;
-
 use super::{ConnId, Node};
-use crate::document::heads_digest;
 use crate::message::Message;
 use crate::reconcile::{
-    Difference, IdRange, Item, MemoryStore, RangePart, ReconcileConfig, ReconcileMessage,
-    Reconciler,
+    Difference, IdRange, RangePart, ReconcileConfig, ReconcileMessage, Reconciler,
 };
 
 impl Node {
@@ -31,10 +27,15 @@ impl Node {
         if !initiates {
             return;
         }
-        let Some(mut reconciler) = self.new_reconciler() else { return };
+        let Ok(mut reconciler) =
+            Reconciler::new(self.catalog.reconcile_set(), ReconcileConfig::default())
+        else {
+            return;
+        };
         let message = reconciler.initiate();
+        let session = reconciler.suspend();
         if let Some(peer) = self.peers.get_mut(&conn) {
-            peer.reconciler = Some(reconciler);
+            peer.reconcile_session = Some(session);
         }
         self.send(conn, Message::Reconcile { message });
     }
@@ -47,18 +48,24 @@ impl Node {
         }
         // A summary of the whole id range opens a session: it replaces whatever is left of
         // one the initiator abandoned, whose unsent answers would otherwise overlap it.
-        let previous = peer.reconciler.take().filter(|_| !opens_session(message));
-        let Some(mut reconciler) = previous.or_else(|| self.new_reconciler()) else { return };
+        let previous = peer.reconcile_session.take().filter(|_| !opens_session(message));
+        let set = self.catalog.reconcile_set();
+        let config = ReconcileConfig::default();
+        let Ok(mut reconciler) = Reconciler::resume(set, config, previous.unwrap_or_default())
+        else {
+            return;
+        };
         let (reply, differences) = match reconciler.handle(message) {
             Ok(answer) => answer,
             Err(error) => return self.refuse(conn, format!("reconciliation refused: {error}")),
         };
+        let session = reconciler.suspend();
         // The peer answers a non-empty message, and an empty one only when it still holds
         // answers of its own, which then open a session here again.
         let awaits_answer =
-            reply.as_ref().is_some_and(|r| !r.ranges.is_empty() || reconciler.has_pending());
+            reply.as_ref().is_some_and(|r| !r.ranges.is_empty() || session.has_pending());
         if let Some(peer) = self.peers.get_mut(&conn) {
-            peer.reconciler = awaits_answer.then_some(reconciler);
+            peer.reconcile_session = awaits_answer.then_some(session);
         }
         if let Some(reply) = reply {
             self.send(conn, Message::Reconcile { message: reply });
@@ -72,40 +79,10 @@ impl Node {
     /// needs nothing here: the peer sees it as missing on this side and pushes it, and its
     /// sync messages carry the collection.
     fn on_difference(&mut self, conn: ConnId, difference: Difference) {
-        let doc_id = match difference {
-            Difference::OnlyHere(doc_id) | Difference::Differs(doc_id) => doc_id,
-            Difference::OnlyThere(_) => return,
-        };
-        if let Some(peer) = self.peers.get_mut(&conn) {
-            // A fresh state forgets anything a lost message left in flight.
-            peer.sync_states.insert(doc_id, sync::State::new());
-            peer.awaiting_reply.remove(&doc_id);
+        match difference {
+            Difference::OnlyHere(doc_id) | Difference::Differs(doc_id) => self.offer(conn, doc_id),
+            Difference::OnlyThere(_) => {}
         }
-        self.sync_with(conn, doc_id);
-    }
-
-    /// One side of a session over the documents as they are now.
-    fn new_reconciler(&self) -> Option<Reconciler<MemoryStore>> {
-        // The default configuration is within every limit, so this never gives up.
-        Reconciler::new(self.reconcile_set(), ReconcileConfig::default()).ok()
-    }
-
-    /// The set a session reconciles: every document that exists here (not a placeholder for
-    /// one still arriving) and whose heads are committed, since peers must never hear of
-    /// heads that could be lost. A document left out while its appends commit is offered to
-    /// peers when they do.
-    ///
-    /// Built in O(N) for each session; an index kept up to date as documents change, with
-    /// per-subtree fingerprints, would make sessions cost O(log N) per range instead.
-    fn reconcile_set(&self) -> MemoryStore {
-        self.documents
-            .iter()
-            .filter(|(_, d)| !d.is_placeholder && d.persisting == 0)
-            .map(|(doc_id, d)| Item {
-                doc_id: *doc_id,
-                heads_digest: heads_digest(&d.doc.get_heads()),
-            })
-            .collect()
     }
 }
 

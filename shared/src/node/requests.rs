@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use automerge::{Automerge, ChangeHash, LoadOptions, OnPartialLoad, ReadDoc};
 
+use super::cache::{Deferred, Residence};
 use super::{
     DurabilityReport, Node, Output, Request, RequestError, RequestId, Response, StatusReport,
 };
@@ -14,15 +15,35 @@ use crate::ops::{apply_ops, Op};
 
 impl Node {
     pub(super) fn on_request(&mut self, now: Instant, id: RequestId, request: Request) {
+        if let Some(doc_id) = document_needed(&request) {
+            match self.locate(doc_id) {
+                Residence::Cold => {
+                    return self.defer(doc_id, Deferred::Request { id, request, at: now })
+                }
+                Residence::Quarantined(reason) => {
+                    let result = Err(RequestError::Quarantined { doc_id, reason });
+                    return self.outputs.push_back(Output::Respond { id, result });
+                }
+                Residence::Hot | Residence::Absent => {}
+            }
+        }
         let result = match request {
             Request::Status => Some(Ok(Response::Status(StatusReport {
                 hub_connected: self.hub_connected(),
-                documents: self.documents().count(),
+                documents: self.catalog.len(),
                 documents_pending_hub: self.documents_pending_hub(),
                 last_hub_sync: self.last_hub_sync(),
                 clock: self.hlc.new_timestamp(),
+                cache: self.cache_usage(),
+                quarantined_total: self.quarantined.len(),
+                quarantined: self
+                    .quarantined
+                    .iter()
+                    .take(StatusReport::QUARANTINE_LISTED)
+                    .map(|(id, reason)| (*id, reason.clone()))
+                    .collect(),
             }))),
-            Request::Exists { doc_id } => Some(self.live(doc_id).map(|_| Response::Exists)),
+            Request::Exists { doc_id } => Some(self.exists(doc_id)),
             Request::AwaitHub { doc_id, heads, deadline } => {
                 self.await_hub(now, id, doc_id, &heads, deadline)
             }
@@ -53,7 +74,8 @@ impl Node {
         ops: &[Op],
     ) -> Option<Result<Response, RequestError>> {
         if self.documents.get(&doc_id).is_some_and(|d| !d.is_placeholder)
-            || self.reloading.contains_key(&doc_id)
+            || self.catalog.contains(&doc_id)
+            || self.loading.contains_key(&doc_id)
         {
             return Some(Err(RequestError::AlreadyExists(doc_id)));
         }
@@ -76,10 +98,7 @@ impl Node {
         doc_id: DocId,
         ops: &[Op],
     ) -> Option<Result<Response, RequestError>> {
-        if self.reloading.contains_key(&doc_id) {
-            return Some(Err(RequestError::Unavailable(doc_id)));
-        }
-        if let Err(error) = self.live(doc_id) {
+        if let Err(error) = self.live(doc_id).and_then(|d| self.within_size_limit(doc_id, d)) {
             return Some(Err(error));
         }
         let time = self.commit_time_secs();
@@ -87,7 +106,7 @@ impl Node {
         let before = document.doc.get_heads();
         match apply_ops(&mut document.doc, ops, time) {
             Err(error) => Some(Err(error.into())),
-            Ok(false) => Some(Ok(Response::Written { doc_id, heads: heads_hex(&before) })),
+            Ok(false) => self.answer_unchanged(id, doc_id),
             Ok(true) => {
                 self.persist(doc_id, &before, self.node_id, Some(id));
                 None
@@ -123,14 +142,57 @@ impl Node {
         None
     }
 
+    /// Answers a write that changed nothing with the document's heads, once they are
+    /// committed: heads that include an earlier write still in flight could be lost in a
+    /// crash, and an answer must never name them.
+    fn answer_unchanged(
+        &mut self,
+        id: RequestId,
+        doc_id: DocId,
+    ) -> Option<Result<Response, RequestError>> {
+        let document = self.documents.get(&doc_id)?;
+        if document.persisting > 0 {
+            let retry = Request::Edit { doc_id, ops: Vec::new() };
+            self.parked_reads.entry(doc_id).or_default().push((id, retry));
+            return None;
+        }
+        Some(Ok(Response::Written { doc_id, heads: heads_hex(&document.doc.get_heads()) }))
+    }
+
     /// A document that exists here and is not deleted.
     pub(super) fn live(&self, doc_id: DocId) -> Result<&Document, RequestError> {
         match self.documents.get(&doc_id).filter(|d| !d.is_placeholder) {
             Some(document) if document.is_deleted() => Err(RequestError::Deleted(doc_id)),
             Some(document) => Ok(document),
-            None if self.reloading.contains_key(&doc_id) => Err(RequestError::Unavailable(doc_id)),
+            None if self.loading.contains_key(&doc_id) => Err(RequestError::Unavailable(doc_id)),
             None => Err(RequestError::NotFound(doc_id)),
         }
+    }
+
+    /// Whether a document exists and is not deleted, answered from the catalog when it is
+    /// not in memory, so checking costs no load.
+    fn exists(&self, doc_id: DocId) -> Result<Response, RequestError> {
+        if self.documents.contains_key(&doc_id) {
+            return self.live(doc_id).map(|_| Response::Exists);
+        }
+        if let Some(reason) = self.quarantined.get(&doc_id) {
+            return Err(RequestError::Quarantined { doc_id, reason: reason.clone() });
+        }
+        match self.catalog.get(&doc_id) {
+            Some(entry) if entry.deleted => Err(RequestError::Deleted(doc_id)),
+            Some(_) => Ok(Response::Exists),
+            None => Err(RequestError::NotFound(doc_id)),
+        }
+    }
+
+    /// A document at or over `max_document_bytes` takes no more local writes: merges past the
+    /// limit quarantine a document, and local writes must not grow one toward that.
+    fn within_size_limit(&self, doc_id: DocId, document: &Document) -> Result<(), RequestError> {
+        let limit = self.config.max_document_bytes;
+        if document.stored_bytes >= limit {
+            return Err(RequestError::TooLarge { doc_id, limit });
+        }
+        Ok(())
     }
 
     /// Answers a read from committed state only: while the document has appends in flight,
@@ -214,9 +276,6 @@ impl Node {
         collection: Option<Collection>,
         bytes: &[u8],
     ) -> Option<Result<Response, RequestError>> {
-        if self.reloading.contains_key(&doc_id) {
-            return Some(Err(RequestError::Unavailable(doc_id)));
-        }
         // Every Automerge chunk, saved document or change, starts with these bytes; Automerge
         // itself skips what it cannot parse, which would make garbage look like "no news".
         const AUTOMERGE_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
@@ -224,6 +283,14 @@ impl Node {
             return Some(Err(RequestError::BadBytes("not Automerge data".into())));
         }
         let exists = self.documents.get(&doc_id).is_some_and(|d| !d.is_placeholder);
+        if let Some(Err(error)) = self
+            .documents
+            .get(&doc_id)
+            .filter(|_| exists)
+            .map(|d| self.within_size_limit(doc_id, d))
+        {
+            return Some(Err(error));
+        }
         let mut fresh = match (exists, collection) {
             (true, _) => None,
             (false, Some(collection)) => Some(Document::new(collection, self.actor.clone())),
@@ -272,12 +339,28 @@ impl Node {
             return Some(Err(RequestError::BadBytes("no changes in the data".into())));
         }
         if heads == before {
-            return Some(Ok(Response::Written { doc_id, heads: heads_hex(&heads) }));
+            return self.answer_unchanged(id, doc_id);
         }
         if let Some(document) = fresh {
             self.documents.insert(doc_id, document);
         }
         self.persist(doc_id, &before, self.node_id, Some(id));
         None
+    }
+}
+
+/// The document a request needs in memory, if any. Status and existence checks are answered
+/// from the catalog; creation needs no stored copy.
+fn document_needed(request: &Request) -> Option<DocId> {
+    match request {
+        Request::Edit { doc_id, .. }
+        | Request::Delete { doc_id }
+        | Request::Import { doc_id, .. }
+        | Request::AwaitHub { doc_id, .. }
+        | Request::Read { doc_id }
+        | Request::ReadAt { doc_id, .. }
+        | Request::History { doc_id, .. }
+        | Request::Export { doc_id } => Some(*doc_id),
+        Request::Create { .. } | Request::Status | Request::Exists { .. } => None,
     }
 }

@@ -181,6 +181,18 @@ pub struct StatusReport {
     pub last_hub_sync: Option<uhlc::Timestamp>,
     /// The node's clock now.
     pub clock: uhlc::Timestamp,
+    /// Documents in memory, and the stored bytes they account for.
+    pub cache: (usize, usize),
+    /// Quarantined documents, counted.
+    pub quarantined_total: usize,
+    /// The first quarantined documents by id (at most [`StatusReport::QUARANTINE_LISTED`]),
+    /// with the reason each is held back.
+    pub quarantined: Vec<(DocId, String)>,
+}
+
+impl StatusReport {
+    /// Most quarantined documents a status report lists.
+    pub const QUARANTINE_LISTED: usize = 100;
 }
 
 /// How durable a set of heads is, in answer to [`Request::AwaitHub`].
@@ -216,6 +228,23 @@ pub enum RequestError {
     /// Raw bytes that Automerge cannot load.
     #[error("invalid automerge data: {0}")]
     BadBytes(String),
+    /// The document is quarantined: held back, neither served nor synced, until an operator
+    /// acts on it.
+    #[error("document {doc_id} is quarantined: {reason}")]
+    Quarantined {
+        /// The document.
+        doc_id: DocId,
+        /// Why.
+        reason: String,
+    },
+    /// The document reached `max_document_bytes` and takes no more writes.
+    #[error("document {doc_id} reached the size limit of {limit} bytes")]
+    TooLarge {
+        /// The document.
+        doc_id: DocId,
+        /// The limit, in stored bytes.
+        limit: usize,
+    },
 }
 
 /// Something the driver must do.
@@ -268,4 +297,10 @@ pub struct NodeStats {
     pub changes_committed: u64,
     /// Documents dropped from memory after Automerge panicked, then reloaded.
     pub document_reloads: u64,
+    /// Documents read back from the store into memory.
+    pub document_loads: u64,
+    /// Documents evicted from memory to stay within the cache budget.
+    pub document_evictions: u64,
+    /// Documents quarantined.
+    pub documents_quarantined: u64,
 }

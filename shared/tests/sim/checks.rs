@@ -66,12 +66,31 @@ pub fn describe(message: &Message) -> String {
     }
 }
 
-/// A node rebuilt from its store holds every change it acknowledged before it crashed.
+/// Every document a node committed, read back from its store as a load would.
+fn stored_documents(cluster: &Cluster, index: usize) -> BTreeMap<DocId, Document> {
+    cluster.slots[index]
+        .store
+        .documents()
+        .map(|stored| {
+            let document =
+                Document::load(stored, ActorId::from([0xEEu8; 16])).unwrap_or_else(|error| {
+                    cluster
+                        .fail(format!("node {index} stored {} unreadably: {error}", stored.doc_id))
+                });
+            (stored.doc_id, document)
+        })
+        .collect()
+}
+
+/// A node rebuilt from its store knows every document and holds every change it
+/// acknowledged before it crashed.
 pub fn assert_recovered(cluster: &Cluster, index: usize) {
     let node = cluster.node(index);
-    let documents: BTreeMap<&DocId, &Document> = node.documents().collect();
+    let documents = stored_documents(cluster, index);
     for ack in cluster.ledger.acks.iter().filter(|ack| ack.node == index) {
-        let Some(document) = documents.get(&ack.doc_id) else {
+        let (Some(document), true) =
+            (documents.get(&ack.doc_id), node.catalog().any(|(id, _)| *id == ack.doc_id))
+        else {
             cluster.fail(format!(
                 "node {index} restarted without {}, which it acknowledged a write to",
                 ack.doc_id
@@ -115,13 +134,15 @@ pub fn assert_converged(cluster: &Cluster) {
     }
 }
 
+/// A node's replicas as its store holds them: after quiescence every task has committed, and
+/// documents evicted from memory exist only there.
 fn replicas_of(cluster: &Cluster, index: usize) -> BTreeMap<DocId, Replica> {
-    let node = cluster.node(index);
-    node.documents()
+    stored_documents(cluster, index)
+        .into_iter()
         .map(|(doc_id, document)| {
             let mut heads = document.doc.get_heads();
             heads.sort();
-            (*doc_id, Replica { heads, json: document.to_json() })
+            (doc_id, Replica { heads, json: document.to_json() })
         })
         .collect()
 }
@@ -156,8 +177,7 @@ fn compare(
 
 /// Every replica is identical by now, so the hub's copy speaks for all.
 fn assert_acks_survived(cluster: &Cluster) {
-    let hub = cluster.node(crate::sim::cluster::HUB);
-    let documents: BTreeMap<&DocId, &Document> = hub.documents().collect();
+    let documents = stored_documents(cluster, crate::sim::cluster::HUB);
     for ack in &cluster.ledger.acks {
         let Some(document) = documents.get(&ack.doc_id) else {
             cluster.fail(format!(
@@ -181,33 +201,31 @@ fn assert_acks_survived(cluster: &Cluster) {
     }
 }
 
-/// After quiescence every task has committed, so loading the store yields the node's documents.
+/// After quiescence every task has committed: the catalog matches the store's heads index,
+/// every document in memory matches its stored copy, and nothing is quarantined.
 fn assert_store_matches_memory(cluster: &Cluster, index: usize) {
     let node = cluster.node(index);
-    let in_memory: BTreeMap<&DocId, &Document> = node.documents().collect();
-    let stored: Vec<_> = cluster.slots[index].store.documents().collect();
-    if stored.len() != in_memory.len() {
-        cluster.fail(format!(
-            "node {index} holds {} documents but stored {}",
-            in_memory.len(),
-            stored.len()
-        ));
+    let stored = stored_documents(cluster, index);
+    let catalog: Vec<&DocId> = node.catalog().map(|(id, _)| id).collect();
+    let stored_ids: Vec<&DocId> = stored.keys().collect();
+    if catalog != stored_ids {
+        cluster.fail(format!("node {index} lists {catalog:?} but stored {stored_ids:?}"));
     }
-    for entry in stored {
-        let loaded = Document::load(entry, ActorId::from([0xEEu8; 16])).unwrap_or_else(|error| {
-            cluster.fail(format!("node {index} stored {} unreadably: {error}", entry.doc_id))
-        });
-        let Some(document) = in_memory.get(&entry.doc_id) else {
-            cluster.fail(format!("node {index} stored {} but does not hold it", entry.doc_id));
+    if let Some((doc_id, reason)) = node.quarantined().next() {
+        cluster.fail(format!("node {index} quarantined {doc_id}: {reason}"));
+    }
+    let in_memory = node.documents().map(|(id, d)| (id, d.doc.get_heads()));
+    let in_catalog = node.catalog().map(|(id, entry)| (id, entry.heads.clone()));
+    for (doc_id, mut heads) in in_memory.chain(in_catalog) {
+        let Some(loaded) = stored.get(doc_id) else {
+            cluster.fail(format!("node {index} holds {doc_id} but did not store it"));
         };
-        let (mut stored_heads, mut memory_heads) =
-            (loaded.doc.get_heads(), document.doc.get_heads());
+        let mut stored_heads = loaded.doc.get_heads();
         stored_heads.sort();
-        memory_heads.sort();
-        if stored_heads != memory_heads {
+        heads.sort();
+        if stored_heads != heads {
             cluster.fail(format!(
-                "node {index} stored {} at heads {stored_heads:?} but holds {memory_heads:?}",
-                entry.doc_id
+                "node {index} stored {doc_id} at heads {stored_heads:?} but holds {heads:?}"
             ));
         }
     }

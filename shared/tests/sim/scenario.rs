@@ -176,16 +176,14 @@ pub fn settle(cluster: &mut Cluster, healed_by: Duration) {
 
 fn outcome(cluster: &Cluster) -> Outcome {
     let hub = cluster.node(crate::sim::cluster::HUB);
-    let final_heads = hub
-        .documents()
-        .map(|(doc_id, document)| format!("{doc_id}:{:?}", document.doc.get_heads()))
-        .collect();
+    let final_heads =
+        hub.catalog().map(|(doc_id, entry)| format!("{doc_id}:{:?}", entry.heads)).collect();
     Outcome {
         steps: cluster.steps,
         settle: cluster.settle_time().unwrap_or_default(),
         writes: cluster.ledger.writes,
         acks: cluster.ledger.acks.len(),
-        documents: hub.documents().count(),
+        documents: hub.document_count(),
         crashes: cluster.ledger.crashes,
         protocol_errors: (0..cluster.slots.len())
             .map(|i| cluster.node(i).stats().protocol_errors)

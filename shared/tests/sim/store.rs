@@ -6,13 +6,15 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use automerge::{Change, ChangeHash};
 use cairn_shared::ids::DocId;
 use cairn_shared::node::TaskId;
-use cairn_shared::store_task::{StoreReply, StoreTask, StoredDoc};
+use cairn_shared::store_task::{IndexEntry, StoreReply, StoreTask, StoredDoc};
 
 /// One node's store.
 #[derive(Debug, Default)]
 pub struct SimStore {
     /// What a committed task left behind: survives crashes.
     documents: BTreeMap<DocId, StoredDoc>,
+    /// The heads index, as the real store keeps it beside the documents.
+    index: BTreeMap<DocId, IndexEntry>,
     /// Hash of every change ever committed, to audit what a node may advertise.
     durable_changes: BTreeSet<ChangeHash>,
     /// Tasks emitted but not yet executed: lost in a crash.
@@ -56,6 +58,11 @@ impl SimStore {
         self.documents.values()
     }
 
+    /// The heads index, as a restart reads it.
+    pub fn index(&self) -> impl Iterator<Item = (&DocId, &IndexEntry)> {
+        self.index.iter()
+    }
+
     /// True if a committed task stored this change.
     pub fn is_durable(&self, hash: &ChangeHash) -> bool {
         self.durable_changes.contains(hash)
@@ -63,7 +70,10 @@ impl SimStore {
 
     fn execute(&mut self, action: StoreTask) -> StoreReply {
         match action {
-            StoreTask::Append { doc_id, collection, changes, .. } => {
+            StoreTask::Append { doc_id, collection, changes, heads, deleted, .. } => {
+                let heads = heads.into_iter().map(ChangeHash).collect();
+                let entry = IndexEntry { collection: collection.clone(), heads, deleted };
+                self.index.insert(doc_id, entry);
                 let stored = self.documents.entry(doc_id).or_insert_with(|| StoredDoc {
                     doc_id,
                     collection: collection.clone(),

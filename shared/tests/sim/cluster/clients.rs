@@ -23,7 +23,7 @@ impl Cluster {
 
     /// Creates a document, or edits one the node holds with ops generated from what it just read.
     fn write_once(&mut self, index: usize) {
-        let docs: Vec<DocId> = self.node(index).documents().map(|(id, _)| *id).collect();
+        let docs: Vec<DocId> = self.node(index).catalog().map(|(id, _)| *id).collect();
         if docs.is_empty() || self.rng.gen_bool(CREATE) {
             let doc_id = DocId::random(&mut self.rng);
             let collection = workload::collection(&mut self.rng);
@@ -61,7 +61,8 @@ impl Cluster {
 
     /// What a client editing through this node sees: the in-memory document, which edits
     /// apply to. (Reads through the request API wait for in-flight appends to commit, so
-    /// they may lag it and would yield ops that no longer fit.)
+    /// they may lag it and would yield ops that no longer fit.) A cold document is not seen
+    /// until the read has loaded it.
     pub fn read(&mut self, index: usize, doc_id: DocId) -> Option<Json> {
         let id = self.next_request_id();
         self.drive(index, Input::Request { id, request: Request::Read { doc_id } });
