@@ -16,12 +16,14 @@
 pub mod config;
 pub mod document;
 pub mod durability;
+pub mod elasticity;
 pub mod frame;
 pub mod ids;
 pub mod message;
 pub mod node;
 pub mod ops;
 pub mod peer;
+pub mod placement;
 pub mod reconcile;
 pub mod repo_wire;
 pub mod store_task;
