@@ -9,12 +9,14 @@ pub mod client {
     pub use cairn_client::*;
 }
 pub mod bench;
+pub mod fault_proxy;
 pub mod process;
 pub mod raw_peer;
 
 use std::time::{Duration, Instant};
 
 pub use client::{ApiClient, ApiResponse, DocView};
+pub use fault_proxy::{fault_seed, Direction, FaultCounts, FaultProxy};
 pub use process::{free_udp_port, Agent, Hub, TestDir};
 
 /// Polls `condition` until it returns `Some`, or fails after `timeout` naming `what`.
