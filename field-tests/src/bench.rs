@@ -24,6 +24,22 @@ pub fn proc_status_kib(pid: &str, field: &str) -> Option<u64> {
     })
 }
 
+/// Sixteen well-mixed bytes from `i` (splitmix64), so ids built from 0, 1, 2… spread over the
+/// whole id space as random ones do, and any prefix of such a list is spread just as well.
+pub fn spread_id(i: u64) -> [u8; 16] {
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&mix(2 * i).to_be_bytes());
+    bytes[8..].copy_from_slice(&mix(2 * i + 1).to_be_bytes());
+    bytes
+}
+
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
 /// An integer with thousands separators.
 pub fn thousands(value: u64) -> String {
     let digits = value.to_string();

@@ -25,7 +25,7 @@ use cairn_shared::message::{Envelope, Message, Role};
 use cairn_shared::node::{Input, Node, Output, Request};
 use cairn_shared::ops::{apply_ops, Op};
 use cairn_shared::store_task::{StoreReply, StoredDoc};
-use field_tests::bench::{machine, proc_status_kib, thousands};
+use field_tests::bench::{machine, proc_status_kib, spread_id, thousands};
 use serde_json::json;
 
 /// Document counts measured by default (capped by `--max-n`).
@@ -64,20 +64,8 @@ fn parse_args() -> anyhow::Result<Option<usize>> {
     Ok(Some(max_n))
 }
 
-/// A well-mixed 64-bit value from `x` (splitmix64), so document ids spread over the whole id
-/// space as random ones do, and any prefix of the list is spread just as well.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
 fn doc_id(i: usize) -> anyhow::Result<DocId> {
-    let mut bytes = [0u8; 16];
-    bytes[..8].copy_from_slice(&mix(2 * i as u64).to_be_bytes());
-    bytes[8..].copy_from_slice(&mix(2 * i as u64 + 1).to_be_bytes());
-    Ok(DocId::from_slice(&bytes)?)
+    Ok(DocId::from_slice(&spread_id(i as u64))?)
 }
 
 fn set_n(value: usize) -> anyhow::Result<Vec<Op>> {

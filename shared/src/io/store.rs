@@ -58,6 +58,9 @@ const MIGRATIONS: &[&str] = &[
     // 3: deletion tombstones, so listings skip deleted documents and feeds can say so.
     "ALTER TABLE documents ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE feed ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;",
+    // 4: the heads index as a covering index, so a start reads it in id order without
+    // touching table rows (where snapshots live, and `deleted` sits after them).
+    "CREATE INDEX documents_heads ON documents(doc_id, collection, heads, deleted);",
 ];
 
 /// A storage failure.
