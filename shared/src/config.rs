@@ -30,6 +30,10 @@ pub struct SyncConfig {
     /// Largest document, in stored bytes. A document at the limit takes no more local writes,
     /// and one that a peer's changes would take past it is quarantined.
     pub max_document_bytes: usize,
+    /// Compress a frame of batched sync messages (catch-up after a reconnect, fan-out of many
+    /// documents) when its messages reach this many bytes and compressing shrinks them; 0
+    /// never compresses. Small frames are sent as they are: live edits gain little from it.
+    pub compress_above_bytes: usize,
 }
 
 /// A configuration value is out of its allowed range.
@@ -53,6 +57,7 @@ impl SyncConfig {
             hello_timeout_ms: 10_000,
             document_cache_bytes: 32 * 1024 * 1024,
             max_document_bytes: 64 * 1024 * 1024,
+            compress_above_bytes: 16 * 1024,
         }
     }
 

@@ -16,6 +16,9 @@ pub const PROTOCOL_VERSION: u8 = 1;
 /// ALPN protocol name for QUIC connections.
 pub const ALPN: &[u8] = b"cairn/1";
 
+/// Most documents' sync messages one [`Message::DocSyncBatch`] carries.
+pub const MAX_BATCH_PARTS: usize = 4096;
+
 /// Most inventory entries in one frame; a larger inventory is sent in several frames.
 pub const MAX_INVENTORY_ENTRIES_PER_MESSAGE: usize = 4096;
 
@@ -77,11 +80,36 @@ pub enum Message {
         /// Automerge's encoded sync message.
         sync_message: Vec<u8>,
     },
+    /// Several documents' Automerge sync messages in one frame: one envelope, one frame
+    /// header and one receive call for a burst of documents (reconnect catch-up, fan-out of
+    /// many commits). At most [`MAX_BATCH_PARTS`] parts.
+    DocSyncBatch {
+        /// The documents' messages, applied in order.
+        parts: Vec<DocSyncPart>,
+    },
+    /// Another message (never itself compressed), encoded and then compressed with DEFLATE.
+    /// Sent instead of large batches when that makes them smaller; the receiver refuses one
+    /// that inflates past its frame limit.
+    Compressed {
+        /// The raw DEFLATE stream.
+        deflated: Vec<u8>,
+    },
     /// One message of a range-based reconciliation session (see [`crate::reconcile`]).
     Reconcile {
         /// Range summaries or item lists, checked against the module's limits on decode.
         message: ReconcileMessage,
     },
+}
+
+/// One document's part of a [`Message::DocSyncBatch`]; the fields of [`Message::DocSync`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocSyncPart {
+    /// The document.
+    pub doc_id: DocId,
+    /// Its collection.
+    pub collection: Collection,
+    /// Automerge's encoded sync message.
+    pub sync_message: Vec<u8>,
 }
 
 /// A message with the sender's HLC timestamp.
@@ -137,6 +165,49 @@ impl Envelope {
     }
 }
 
+impl Message {
+    /// Encodes and deflates this message into a [`Message::Compressed`].
+    pub fn compress(&self) -> Message {
+        use std::io::Write;
+        // Serializing plain data into a Vec, and deflating into one, cannot fail.
+        let encoded = postcard::to_allocvec(self).unwrap_or_default();
+        let mut deflater =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        let _ = deflater.write_all(&encoded);
+        Message::Compressed { deflated: deflater.finish().unwrap_or_default() }
+    }
+
+    /// Inflates the payload of a [`Message::Compressed`] into the message it carries,
+    /// refusing one that inflates past `limit` bytes or carries another compressed message.
+    pub fn decompress(deflated: &[u8], limit: usize) -> Result<Message, DecodeError> {
+        use std::io::Read;
+        let mut encoded = Vec::new();
+        let limit_plus_one = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
+        flate2::read::DeflateDecoder::new(deflated)
+            .take(limit_plus_one)
+            .read_to_end(&mut encoded)
+            .map_err(|e| DecodeError::Malformed(format!("compressed message: {e}")))?;
+        if encoded.len() > limit {
+            return Err(DecodeError::OverLimit(format!(
+                "compressed message inflates past {limit} bytes"
+            )));
+        }
+        let (message, rest): (Message, &[u8]) = postcard::take_from_bytes(&encoded)
+            .map_err(|e| DecodeError::Malformed(format!("compressed message: {e}")))?;
+        if !rest.is_empty() {
+            return Err(DecodeError::Malformed(format!(
+                "compressed message: {} trailing bytes",
+                rest.len()
+            )));
+        }
+        if matches!(message, Message::Compressed { .. }) {
+            return Err(DecodeError::Malformed("a compressed message inside another".into()));
+        }
+        check_limits(&message)?;
+        Ok(message)
+    }
+}
+
 /// Refuses a well-formed message that breaks a size limit or, for reconciliation, the
 /// ordering rules, before the node acts on any of it.
 fn check_limits(message: &Message) -> Result<(), DecodeError> {
@@ -145,6 +216,12 @@ fn check_limits(message: &Message) -> Result<(), DecodeError> {
             Err(DecodeError::OverLimit(format!(
                 "inventory of {} entries, at most {MAX_INVENTORY_ENTRIES_PER_MESSAGE} per message",
                 entries.len()
+            )))
+        }
+        Message::DocSyncBatch { parts } if parts.len() > MAX_BATCH_PARTS => {
+            Err(DecodeError::OverLimit(format!(
+                "batch of {} documents, at most {MAX_BATCH_PARTS} per message",
+                parts.len()
             )))
         }
         Message::Reconcile { message } => message.validate().map_err(|error| match error {
@@ -208,6 +285,50 @@ mod tests {
         assert!(matches!(Envelope::decode(&overlapping), Err(DecodeError::Malformed(_))));
         let too_many = encode(vec![summary; MAX_PARTS_PER_MESSAGE + 1]);
         assert!(matches!(Envelope::decode(&too_many), Err(DecodeError::OverLimit(_))));
+    }
+
+    fn batch(parts: usize, bytes: usize) -> Message {
+        let part = DocSyncPart {
+            doc_id: DocId::from_slice(&[5; 16]).unwrap(),
+            collection: "notes".parse().unwrap(),
+            sync_message: vec![7; bytes],
+        };
+        Message::DocSyncBatch { parts: vec![part; parts] }
+    }
+
+    #[test]
+    fn compressed_messages_round_trip_and_shrink() {
+        let message = batch(100, 200);
+        let compressed = message.compress();
+        let Message::Compressed { deflated } = &compressed else { panic!("not compressed") };
+        assert!(deflated.len() * 10 < postcard::to_allocvec(&message).unwrap().len());
+        assert_eq!(Message::decompress(deflated, 1 << 20), Ok(message));
+    }
+
+    #[test]
+    fn decompression_is_bounded_and_refuses_nesting_and_garbage() {
+        let Message::Compressed { deflated } = batch(100, 200).compress() else { panic!() };
+        assert!(matches!(Message::decompress(&deflated, 1000), Err(DecodeError::OverLimit(_))));
+        let Message::Compressed { deflated: nested } = batch(1, 1).compress().compress() else {
+            panic!()
+        };
+        assert!(matches!(Message::decompress(&nested, 1 << 20), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            Message::decompress(&[0xff; 64], 1 << 20),
+            Err(DecodeError::Malformed(_))
+        ));
+        let Message::Compressed { deflated } = batch(MAX_BATCH_PARTS + 1, 0).compress() else {
+            panic!()
+        };
+        assert!(matches!(Message::decompress(&deflated, 1 << 24), Err(DecodeError::OverLimit(_))));
+    }
+
+    #[test]
+    fn oversized_batches_are_refused_on_decode() {
+        let fine = Envelope { sent_at: stamp(), message: batch(MAX_BATCH_PARTS, 0) };
+        assert!(Envelope::decode(&fine.encode()).is_ok());
+        let over = Envelope { sent_at: stamp(), message: batch(MAX_BATCH_PARTS + 1, 0) };
+        assert!(matches!(Envelope::decode(&over.encode()), Err(DecodeError::OverLimit(_))));
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub struct Metrics {
     document_reloads: Counter,
     document_loads: Counter,
     document_evictions: Counter,
+    frames_compressed: Counter,
     documents: Gauge,
     cached_documents: Gauge,
     cached_bytes: Gauge,
@@ -57,6 +58,7 @@ impl Metrics {
             document_reloads: Counter::default(),
             document_loads: Counter::default(),
             document_evictions: Counter::default(),
+            frames_compressed: Counter::default(),
             documents: Gauge::default(),
             cached_documents: Gauge::default(),
             cached_bytes: Gauge::default(),
@@ -108,6 +110,11 @@ impl Metrics {
             "document_evictions",
             "Documents evicted from memory to stay within the cache budget",
             metrics.document_evictions.clone(),
+        );
+        registry.register(
+            "frames_compressed",
+            "Frames of batched sync messages sent compressed",
+            metrics.frames_compressed.clone(),
         );
         registry.register(
             "documents",
@@ -174,6 +181,7 @@ impl Metrics {
             (&self.document_reloads, s.document_reloads, last.document_reloads),
             (&self.document_loads, s.document_loads, last.document_loads),
             (&self.document_evictions, s.document_evictions, last.document_evictions),
+            (&self.frames_compressed, s.frames_compressed, last.frames_compressed),
         ];
         for (counter, now, before) in pairs {
             counter.inc_by(now.saturating_sub(before));

@@ -408,13 +408,26 @@ impl Session {
     }
 
     fn translate(&self, message: Message, step: &mut Step) {
+        let sync = |document_id, data| RepoMessage::Sync {
+            sender_id: self.bridge.our_id.clone(),
+            target_id: self.client.clone(),
+            document_id,
+            data,
+        };
         match message {
-            Message::DocSync { doc_id, sync_message, .. } => step.send.push(RepoMessage::Sync {
-                sender_id: self.bridge.our_id.clone(),
-                target_id: self.client.clone(),
-                document_id: doc_id,
-                data: sync_message,
-            }),
+            Message::DocSync { doc_id, sync_message, .. } => {
+                step.send.push(sync(doc_id, sync_message))
+            }
+            Message::DocSyncBatch { parts } => {
+                step.send.extend(parts.into_iter().map(|p| sync(p.doc_id, p.sync_message)))
+            }
+            // The node compresses only for node peers; a frame it built is trusted.
+            Message::Compressed { deflated } => {
+                match Message::decompress(&deflated, self.bridge.endpoint.max_frame_bytes) {
+                    Ok(inner) => self.translate(inner, step),
+                    Err(error) => step.end = Some(Ending::Node(format!("node frame: {error}"))),
+                }
+            }
             // The node refuses what the client sent (for example a bad sync message).
             Message::Refuse { reason, .. } => step.end = Some(Ending::Protocol(reason)),
             // The handshake, inventories and reconciliation are for nodes; clients name their

@@ -80,6 +80,8 @@ pub struct Node {
     hub_acks: HubAcks,
     /// Documents with news for peers, sent at the next flush of outputs.
     announced: BTreeSet<DocId>,
+    /// Sync messages per peer, sent as one frame at the next flush of outputs.
+    sync_batches: BTreeMap<ConnId, peering::SyncBatch>,
     /// Reads, and writes that changed nothing, waiting for a document's appends to commit.
     parked_reads: BTreeMap<DocId, Vec<(RequestId, Request)>>,
     stats: NodeStats,
@@ -127,6 +129,7 @@ impl Node {
             hub_acks: HubAcks::default(),
             parked_reads: BTreeMap::new(),
             announced: BTreeSet::new(),
+            sync_batches: BTreeMap::new(),
             stats: NodeStats::default(),
         }
     }
@@ -254,6 +257,9 @@ impl Node {
     pub fn poll_output(&mut self) -> Option<Output> {
         if self.outputs.is_empty() && !self.announced.is_empty() {
             self.flush_announced();
+        }
+        if self.outputs.is_empty() && !self.sync_batches.is_empty() {
+            self.flush_batches();
         }
         self.outputs.pop_front()
     }

@@ -11,8 +11,22 @@ use super::{ConnId, DurabilityReport, Node, Output, Response};
 use crate::document::{guarded, heads_digest, Document, DocumentError};
 use crate::frame::encode_frame;
 use crate::ids::{Collection, DocId, NodeId};
-use crate::message::{Envelope, InventoryEntry, Message, Role, PROTOCOL_VERSION};
+use crate::message::{
+    DocSyncPart, Envelope, InventoryEntry, Message, Role, MAX_BATCH_PARTS, PROTOCOL_VERSION,
+};
 use crate::peer::{Peer, PeerPhase};
+
+/// Upper bound on a batch frame's sync messages, in bytes.
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// Encoded bytes of a batch part beside its sync message: id, collection name, lengths.
+const DOC_SYNC_PART_OVERHEAD: usize = 64;
+
+/// Sync messages queued for one peer.
+#[derive(Debug, Default)]
+pub(super) struct SyncBatch {
+    parts: Vec<DocSyncPart>,
+    bytes: usize,
+}
 
 impl Node {
     pub(super) fn on_connected(&mut self, now: Instant, conn: ConnId, peer: NodeId) {
@@ -94,6 +108,20 @@ impl Node {
             }
             (PeerPhase::Ready(_), Message::DocSync { doc_id, collection, sync_message }) => {
                 self.on_doc_sync(conn, doc_id, collection, &sync_message)
+            }
+            (PeerPhase::Ready(_), Message::DocSyncBatch { parts }) => {
+                for DocSyncPart { doc_id, collection, sync_message } in parts {
+                    if !self.peers.contains_key(&conn) {
+                        return; // Refused on an earlier part.
+                    }
+                    self.on_doc_sync(conn, doc_id, collection, &sync_message);
+                }
+            }
+            (PeerPhase::Ready(_), Message::Compressed { deflated }) => {
+                match Message::decompress(&deflated, self.config.max_frame_bytes) {
+                    Ok(inner) => self.on_message(conn, inner),
+                    Err(error) => self.refuse(conn, error.to_string()),
+                }
             }
             (PeerPhase::Ready(_), Message::Hello { .. }) => {
                 self.refuse(conn, "second hello".into())
@@ -288,8 +316,67 @@ impl Node {
         if !message.changes.is_empty() && peer.replicates_everything() {
             peer.awaiting_reply.insert(doc_id);
         }
-        let collection = document.collection.clone();
-        self.send(conn, Message::DocSync { doc_id, collection, sync_message: message.encode() });
+        let part = DocSyncPart {
+            doc_id,
+            collection: document.collection.clone(),
+            sync_message: message.encode(),
+        };
+        self.queue_doc_sync(conn, part);
+    }
+
+    /// Queues one document's sync message for a peer. Queued messages leave together when the
+    /// driver next drains outputs, or sooner when the batch is full.
+    fn queue_doc_sync(&mut self, conn: ConnId, part: DocSyncPart) {
+        let full_at = self.batch_bytes();
+        let batch = self.sync_batches.entry(conn).or_default();
+        batch.bytes += part.sync_message.len() + DOC_SYNC_PART_OVERHEAD;
+        batch.parts.push(part);
+        if batch.bytes >= full_at || batch.parts.len() >= MAX_BATCH_PARTS {
+            self.flush_batch(conn);
+        }
+    }
+
+    /// Most bytes of sync messages one batch frame carries: small enough that a frame never
+    /// reaches the limit, large enough that catch-up needs few frames.
+    fn batch_bytes(&self) -> usize {
+        (self.config.max_frame_bytes / 4).min(MAX_BATCH_BYTES)
+    }
+
+    /// Sends every queued sync message.
+    pub(super) fn flush_batches(&mut self) {
+        let conns: Vec<ConnId> = self.sync_batches.keys().copied().collect();
+        for conn in conns {
+            self.flush_batch(conn);
+        }
+    }
+
+    /// Sends a peer's queued sync messages as one frame: a single message as it is, several
+    /// as a batch, compressed when the batch is large and compressing shrinks it.
+    fn flush_batch(&mut self, conn: ConnId) {
+        let Some(batch) = self.sync_batches.remove(&conn) else { return };
+        let Some(peer) = self.peers.get(&conn) else { return };
+        // Clients are bridged in this process: compressing for them only costs time.
+        let compress = peer.replicates_everything();
+        let mut parts = batch.parts;
+        let message = if parts.len() == 1 {
+            let Some(DocSyncPart { doc_id, collection, sync_message }) = parts.pop() else {
+                return;
+            };
+            Message::DocSync { doc_id, collection, sync_message }
+        } else {
+            Message::DocSyncBatch { parts }
+        };
+        let threshold = self.config.compress_above_bytes;
+        if compress && threshold > 0 && batch.bytes >= threshold {
+            let compressed = message.compress();
+            if let Message::Compressed { deflated } = &compressed {
+                if deflated.len() < batch.bytes {
+                    self.stats.frames_compressed += 1;
+                    return self.send(conn, compressed);
+                }
+            }
+        }
+        self.send(conn, message);
     }
 
     pub(super) fn send(&mut self, conn: ConnId, message: Message) {

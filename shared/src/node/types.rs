@@ -303,4 +303,6 @@ pub struct NodeStats {
     pub document_evictions: u64,
     /// Documents quarantined.
     pub documents_quarantined: u64,
+    /// Frames sent compressed.
+    pub frames_compressed: u64,
 }

@@ -32,10 +32,25 @@ pub fn audit_transmit(cluster: &Cluster, index: usize, bytes: &[u8]) -> Vec<Mess
         let envelope = Envelope::decode(&frame).unwrap_or_else(|error| {
             cluster.fail(format!("node {index} sent a frame it cannot decode: {error}"))
         });
-        if let Message::DocSync { doc_id, sync_message, .. } = &envelope.message {
-            audit_advert(cluster, index, *doc_id, sync_message);
+        let message = match envelope.message {
+            Message::Compressed { deflated } => Message::decompress(&deflated, usize::MAX)
+                .unwrap_or_else(|error| {
+                    cluster.fail(format!("node {index} sent a bad compressed message: {error}"))
+                }),
+            message => message,
+        };
+        match &message {
+            Message::DocSync { doc_id, sync_message, .. } => {
+                audit_advert(cluster, index, *doc_id, sync_message)
+            }
+            Message::DocSyncBatch { parts } => {
+                for part in parts {
+                    audit_advert(cluster, index, part.doc_id, &part.sync_message);
+                }
+            }
+            _ => {}
         }
-        messages.push(envelope.message);
+        messages.push(message);
     }
 }
 
@@ -63,6 +78,8 @@ pub fn describe(message: &Message) -> String {
         Message::DocSync { doc_id, sync_message, .. } => {
             format!("sync of {doc_id} ({} bytes)", sync_message.len())
         }
+        Message::DocSyncBatch { parts } => format!("sync of {} documents", parts.len()),
+        Message::Compressed { deflated } => format!("compressed ({} bytes)", deflated.len()),
     }
 }
 
