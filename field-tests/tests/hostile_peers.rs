@@ -8,6 +8,7 @@ use std::time::Duration;
 use cairn_shared::ids::{DocId, NodeId};
 use cairn_shared::io::tls::Identity;
 use cairn_shared::message::{Message, Role, PROTOCOL_VERSION};
+use cairn_shared::scope::CollectionScope;
 use field_tests::raw_peer::{fleet_identity, foreign_identity, Ending, RawPeer};
 use field_tests::{free_udp_port, wait_for, Agent, ApiClient, Hub, TestDir};
 use serde_json::json;
@@ -40,14 +41,22 @@ fn huge_length_prefix(peer: &mut RawPeer) -> anyhow::Result<()> {
 }
 
 fn unknown_version(peer: &mut RawPeer) -> anyhow::Result<()> {
-    let hello = Message::Hello { node_id: peer.node_id.expect("certificate"), role: Role::Agent };
+    let hello = Message::Hello {
+        node_id: peer.node_id.expect("certificate"),
+        role: Role::Agent,
+        scope: CollectionScope::all(),
+    };
     let mut payload = peer.envelope(hello)?.encode();
     payload[0] = 9;
     peer.send_payload(&payload)
 }
 
 fn hello_with_a_foreign_id(peer: &mut RawPeer) -> anyhow::Result<()> {
-    peer.send_message(Message::Hello { node_id: NodeId::from_bytes([0x42; 16]), role: Role::Agent })
+    peer.send_message(Message::Hello {
+        node_id: NodeId::from_bytes([0x42; 16]),
+        role: Role::Agent,
+        scope: CollectionScope::all(),
+    })
 }
 
 fn inventory_before_hello(peer: &mut RawPeer) -> anyhow::Result<()> {
@@ -58,6 +67,7 @@ fn undecodable_sync_message(peer: &mut RawPeer) -> anyhow::Result<()> {
     peer.send_message(Message::Hello {
         node_id: peer.node_id.expect("certificate"),
         role: Role::Agent,
+        scope: CollectionScope::all(),
     })?;
     peer.send_message(Message::DocSync {
         doc_id: DocId::from_slice(&[7; 16])?,

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::scope::CollectionScope;
+
 /// Tuning of the sync core.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -34,6 +36,9 @@ pub struct SyncConfig {
     /// documents) when its messages reach this many bytes and compressing shrinks them; 0
     /// never compresses. Small frames are sent as they are: live edits gain little from it.
     pub compress_above_bytes: usize,
+    /// The collections this node replicates (default: all). Documents of other collections
+    /// can still be written here; they stay on this node.
+    pub collections: CollectionScope,
 }
 
 /// A configuration value is out of its allowed range.
@@ -58,6 +63,7 @@ impl SyncConfig {
             document_cache_bytes: 32 * 1024 * 1024,
             max_document_bytes: 64 * 1024 * 1024,
             compress_above_bytes: 16 * 1024,
+            collections: CollectionScope::all(),
         }
     }
 
@@ -89,6 +95,7 @@ impl SyncConfig {
         if self.max_document_bytes < 1024 {
             return Err(ConfigError("max_document_bytes must be at least 1024".into()));
         }
+        self.collections.validate().map_err(|error| ConfigError(error.to_string()))?;
         if self.compact_after_changes == 0 {
             return Err(ConfigError("compact_after_changes must be at least 1".into()));
         }

@@ -26,6 +26,7 @@ pub mod peer;
 pub mod placement;
 pub mod reconcile;
 pub mod repo_wire;
+pub mod scope;
 pub mod store_task;
 
 #[cfg(feature = "io")]

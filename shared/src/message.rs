@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{Collection, DocId, NodeId};
 use crate::reconcile::{ReconcileError, ReconcileMessage};
+use crate::scope::{CollectionScope, MAX_SCOPE_COLLECTIONS};
 
 /// The protocol version this build speaks (also in the ALPN string).
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -57,6 +58,8 @@ pub enum Message {
         node_id: NodeId,
         /// What the sender is.
         role: Role,
+        /// The collections the sender replicates; only those both sides hold travel.
+        scope: CollectionScope,
     },
     /// The sender is closing the connection, and says why.
     Refuse {
@@ -94,11 +97,25 @@ pub enum Message {
         /// The raw DEFLATE stream.
         deflated: Vec<u8>,
     },
-    /// One message of a range-based reconciliation session (see [`crate::reconcile`]).
+    /// One message of a range-based reconciliation session (see [`crate::reconcile`]), one
+    /// part per collection: sessions are scoped per collection and run side by side.
     Reconcile {
-        /// Range summaries or item lists, checked against the module's limits on decode.
-        message: ReconcileMessage,
+        /// The message opens a session: its parts are the summaries of every collection in
+        /// scope that the sender holds, and a collection it does not list it holds nothing of.
+        opens: bool,
+        /// At most [`MAX_SCOPE_COLLECTIONS`], in increasing collection order; each is
+        /// checked against the module's limits on decode.
+        parts: Vec<CollectionReconcile>,
     },
+}
+
+/// One collection's part of a [`Message::Reconcile`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectionReconcile {
+    /// The collection whose documents the ranges cover.
+    pub collection: Collection,
+    /// Range summaries or item lists.
+    pub message: ReconcileMessage,
 }
 
 /// One document's part of a [`Message::DocSyncBatch`]; the fields of [`Message::DocSync`].
@@ -224,12 +241,32 @@ fn check_limits(message: &Message) -> Result<(), DecodeError> {
                 parts.len()
             )))
         }
-        Message::Reconcile { message } => message.validate().map_err(|error| match error {
-            ReconcileError::TooManyParts { .. }
-            | ReconcileError::TooManyItemsInPart { .. }
-            | ReconcileError::TooManyItems { .. } => DecodeError::OverLimit(error.to_string()),
-            _ => DecodeError::Malformed(error.to_string()),
-        }),
+        Message::Hello { scope, .. } => {
+            scope.validate().map_err(|error| DecodeError::OverLimit(error.to_string()))
+        }
+        Message::Reconcile { parts, .. } => {
+            if parts.len() > MAX_SCOPE_COLLECTIONS {
+                return Err(DecodeError::OverLimit(format!(
+                    "reconciliation of {} collections, at most {MAX_SCOPE_COLLECTIONS}",
+                    parts.len()
+                )));
+            }
+            if parts.windows(2).any(|pair| pair[0].collection >= pair[1].collection) {
+                return Err(DecodeError::Malformed(
+                    "reconciliation parts out of collection order".into(),
+                ));
+            }
+            parts.iter().try_for_each(|part| {
+                part.message.validate().map_err(|error| match error {
+                    ReconcileError::TooManyParts { .. }
+                    | ReconcileError::TooManyItemsInPart { .. }
+                    | ReconcileError::TooManyItems { .. } => {
+                        DecodeError::OverLimit(error.to_string())
+                    }
+                    _ => DecodeError::Malformed(error.to_string()),
+                })
+            })
+        }
         _ => Ok(()),
     }
 }
@@ -246,7 +283,11 @@ mod tests {
     fn messages_round_trip() {
         let envelope = Envelope {
             sent_at: stamp(),
-            message: Message::Hello { node_id: NodeId::from_bytes([3; 16]), role: Role::Agent },
+            message: Message::Hello {
+                node_id: NodeId::from_bytes([3; 16]),
+                role: Role::Agent,
+                scope: CollectionScope::only(["a".parse().unwrap()]),
+            },
         };
         assert_eq!(Envelope::decode(&envelope.encode()), Ok(envelope));
     }
@@ -268,7 +309,11 @@ mod tests {
     fn reconciliation_messages_are_checked_on_decode() {
         use crate::reconcile::{Fingerprint, IdRange, RangePart, MAX_PARTS_PER_MESSAGE};
         let encode = |ranges: Vec<RangePart>| {
-            let message = Message::Reconcile { message: ReconcileMessage { ranges } };
+            let part = CollectionReconcile {
+                collection: "c".parse().unwrap(),
+                message: ReconcileMessage { ranges },
+            };
+            let message = Message::Reconcile { opens: true, parts: vec![part] };
             Envelope { sent_at: stamp(), message }.encode()
         };
         let summary = RangePart::Fingerprint {
@@ -329,6 +374,31 @@ mod tests {
         assert!(Envelope::decode(&fine.encode()).is_ok());
         let over = Envelope { sent_at: stamp(), message: batch(MAX_BATCH_PARTS + 1, 0) };
         assert!(matches!(Envelope::decode(&over.encode()), Err(DecodeError::OverLimit(_))));
+    }
+
+    #[test]
+    fn reconciliation_parts_must_name_distinct_collections_in_order() {
+        use crate::reconcile::{Fingerprint, IdRange, RangePart};
+        let part = |name: &str| CollectionReconcile {
+            collection: name.parse().unwrap(),
+            message: ReconcileMessage {
+                ranges: vec![RangePart::Fingerprint {
+                    range: IdRange::full(),
+                    fingerprint: Fingerprint::EMPTY,
+                    count: 0,
+                }],
+            },
+        };
+        let encode = |parts| {
+            Envelope { sent_at: stamp(), message: Message::Reconcile { opens: true, parts } }
+                .encode()
+        };
+        assert!(Envelope::decode(&encode(vec![part("a"), part("b")])).is_ok());
+        for parts in [vec![part("b"), part("a")], vec![part("a"), part("a")]] {
+            assert!(matches!(Envelope::decode(&encode(parts)), Err(DecodeError::Malformed(_))));
+        }
+        let many: Vec<_> = (0..=MAX_SCOPE_COLLECTIONS).map(|n| part(&format!("c{n:05}"))).collect();
+        assert!(matches!(Envelope::decode(&encode(many)), Err(DecodeError::OverLimit(_))));
     }
 
     #[test]

@@ -7,9 +7,10 @@ use std::time::Instant;
 use automerge::sync;
 
 use crate::frame::FrameDecoder;
-use crate::ids::{DocId, NodeId};
+use crate::ids::{Collection, DocId, NodeId};
 use crate::message::Role;
 use crate::reconcile::SuspendedSession;
+use crate::scope::CollectionScope;
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,9 +39,12 @@ pub struct Peer {
     /// the receiver applies them in one batch (Automerge's remote apply costs grow with the
     /// document for every call, not per change).
     pub awaiting_reply: BTreeSet<DocId>,
-    /// This side of the reconciliation session in progress with the peer, if any: node
-    /// peers only. Each message is answered from the node's catalog as it is then.
-    pub reconcile_session: Option<SuspendedSession>,
+    /// This side of the reconciliation sessions in progress with the peer, one per collection
+    /// still being reconciled: node peers only. Each message is answered from the node's
+    /// catalog as it is then.
+    pub reconcile_sessions: BTreeMap<Collection, SuspendedSession>,
+    /// The collections both sides replicate, known once the peer's hello arrives.
+    pub scope: CollectionScope,
 }
 
 impl Peer {
@@ -53,7 +57,8 @@ impl Peer {
             sync_states: BTreeMap::new(),
             hello_deadline: None,
             awaiting_reply: BTreeSet::new(),
-            reconcile_session: None,
+            reconcile_sessions: BTreeMap::new(),
+            scope: CollectionScope::all(),
         }
     }
 
@@ -62,13 +67,19 @@ impl Peer {
         matches!(self.phase, PeerPhase::Ready(_))
     }
 
-    /// True for nodes (agents, hubs) that hold every document; false for clients.
+    /// True for nodes (agents, hubs), which replicate every document in the scope both sides
+    /// hold; false for clients.
     pub fn replicates_everything(&self) -> bool {
         matches!(self.phase, PeerPhase::Ready(Role::Agent | Role::Hub))
     }
 
-    /// True if this peer should hear about changes to `doc_id`.
-    pub fn follows(&self, doc_id: &DocId) -> bool {
-        self.replicates_everything() || (self.is_ready() && self.sync_states.contains_key(doc_id))
+    /// True for a node peer that replicates `collection` with us.
+    pub fn replicates(&self, collection: &Collection) -> bool {
+        self.replicates_everything() && self.scope.contains(collection)
+    }
+
+    /// True if this peer should hear about changes to `doc_id`, of `collection`.
+    pub fn follows(&self, doc_id: &DocId, collection: &Collection) -> bool {
+        self.replicates(collection) || (self.is_ready() && self.sync_states.contains_key(doc_id))
     }
 }

@@ -11,11 +11,13 @@ use cairn_shared::config::SyncConfig;
 use cairn_shared::document::Document;
 use cairn_shared::frame::{encode_frame, FrameDecoder};
 use cairn_shared::ids::{DocId, NodeId};
+use cairn_shared::message::CollectionReconcile;
 use cairn_shared::message::{Envelope, Message, Role, PROTOCOL_VERSION};
 use cairn_shared::node::RequestError;
 use cairn_shared::node::{Input, Node, Output, Request, Response};
 use cairn_shared::ops::Op;
 use cairn_shared::reconcile::{Fingerprint, IdRange, RangePart, ReconcileMessage};
+use cairn_shared::scope::CollectionScope;
 use cairn_shared::store_task::{IndexEntry, StoreReply, StoreTask, StoredDoc};
 use serde_json::json;
 
@@ -87,7 +89,10 @@ fn connect(node: &mut Node, now: Instant) -> Vec<Output> {
         now,
         Input::Received {
             conn: CONN,
-            bytes: frame(Message::Hello { node_id: PEER, role: Role::Agent }, fixed_clock()),
+            bytes: frame(
+                Message::Hello { node_id: PEER, role: Role::Agent, scope: CollectionScope::all() },
+                fixed_clock(),
+            ),
         },
     );
     drain(node)
@@ -129,7 +134,8 @@ fn both_sides_say_hello_then_the_smaller_id_starts_reconciling() {
     assert!(matches!(messages[0], Message::Hello { role: Role::Hub, .. }));
     // The node's id, [1; 16], is below the peer's: it initiates, with one summary.
     assert!(
-        matches!(&messages[1], Message::Reconcile { message } if message.ranges.len() == 1),
+        matches!(&messages[1], Message::Reconcile { opens: true, parts }
+            if parts.len() == 1 && parts[0].message.ranges.len() == 1),
         "{messages:?}"
     );
     assert_eq!(messages.len(), 2, "no inventory: {messages:?}");
@@ -141,7 +147,11 @@ fn both_sides_say_hello_then_the_smaller_id_starts_reconciling() {
 fn a_hello_that_contradicts_the_certificate_is_refused() {
     let mut node = node();
     node.handle_input(Instant::now(), Input::Connected { conn: CONN, peer: PEER });
-    let liar = Message::Hello { node_id: NodeId::from_bytes([9; 16]), role: Role::Agent };
+    let liar = Message::Hello {
+        node_id: NodeId::from_bytes([9; 16]),
+        role: Role::Agent,
+        scope: CollectionScope::all(),
+    };
     node.handle_input(
         Instant::now(),
         Input::Received { conn: CONN, bytes: frame(liar, fixed_clock()) },
@@ -335,7 +345,8 @@ fn a_reconciliation_message_that_breaks_the_rules_is_refused() {
         count: 0,
     };
     let overlapping = ReconcileMessage { ranges: vec![summary(IdRange::full()); 2] };
-    let bytes = frame(Message::Reconcile { message: overlapping }, fixed_clock());
+    let part = CollectionReconcile { collection: "c".parse().unwrap(), message: overlapping };
+    let bytes = frame(Message::Reconcile { opens: true, parts: vec![part] }, fixed_clock());
     node.handle_input(now, Input::Received { conn: CONN, bytes });
     let outputs = drain(&mut node);
     assert!(closed(&outputs).unwrap().contains("overlaps"), "{outputs:?}");
@@ -354,9 +365,19 @@ struct Pair {
 
 impl Pair {
     fn new(documents: [Vec<StoredDoc>; 2]) -> Self {
+        Self::scoped(documents, [CollectionScope::all(), CollectionScope::all()])
+    }
+
+    /// Each side replicates only the collections of its scope.
+    fn scoped(documents: [Vec<StoredDoc>; 2], scopes: [CollectionScope; 2]) -> Self {
+        let [hub_scope, edge_scope] = scopes;
         let mut nodes = [
-            wired_node(1, Role::Hub, SyncConfig::hub()),
-            wired_node(2, Role::Agent, SyncConfig::edge()),
+            wired_node(1, Role::Hub, SyncConfig { collections: hub_scope, ..SyncConfig::hub() }),
+            wired_node(
+                2,
+                Role::Agent,
+                SyncConfig { collections: edge_scope, ..SyncConfig::edge() },
+            ),
         ];
         for (node, stored) in nodes.iter_mut().zip(&documents) {
             for doc in stored {
@@ -506,6 +527,11 @@ fn index_entry(stored: &StoredDoc) -> IndexEntry {
 
 /// Document `n` as saved after `edits` changes, each by its own actor.
 fn stored_doc(n: u32, edits: &[&str]) -> StoredDoc {
+    stored_doc_in("c", n, edits)
+}
+
+/// Document `n` of `collection` as saved after `edits` changes, each by its own actor.
+fn stored_doc_in(collection: &str, n: u32, edits: &[&str]) -> StoredDoc {
     let mut bytes = [0u8; 16];
     bytes[..4].copy_from_slice(&n.to_be_bytes());
     bytes[15] = 1;
@@ -518,7 +544,7 @@ fn stored_doc(n: u32, edits: &[&str]) -> StoredDoc {
     }
     StoredDoc {
         doc_id: DocId::from_slice(&bytes).unwrap(),
-        collection: "c".parse().unwrap(),
+        collection: collection.parse().unwrap(),
         snapshot: Some(doc.save()),
         changes: Vec::new(),
     }
@@ -557,6 +583,53 @@ fn catch_up_of_many_documents_travels_in_few_compressed_frames() {
     assert!(sender.frames_compressed >= 1, "{sender:?}");
     // Batches and compression change how messages travel, not what they say.
     assert_eq!(pair.synced_documents().len(), 500);
+}
+
+#[test]
+fn equal_sets_in_many_collections_still_settle_in_one_round_trip() {
+    let documents: Vec<StoredDoc> =
+        (0..MANY).map(|n| stored_doc_in(&format!("c{}", n % 8), n, &["v"])).collect();
+    let mut pair = Pair::new([documents.clone(), documents]);
+    pair.connect();
+    let (initiator_frames, initiator_bytes) = pair.reconcile_traffic(0);
+    let (responder_frames, responder_bytes) = pair.reconcile_traffic(1);
+    assert_eq!((initiator_frames, responder_frames), (1, 1), "one round trip: {:?}", pair.sent);
+    assert!(
+        initiator_bytes < 1024 && responder_bytes < 1024,
+        "{initiator_bytes} {responder_bytes}"
+    );
+    assert!(pair.synced_documents().is_empty(), "equal documents need no sync");
+}
+
+#[test]
+fn only_collections_both_sides_replicate_are_reconciled_and_synced() {
+    let doc = |collection: &str, n| stored_doc_in(collection, n, &["v"]);
+    // The hub holds "shared" and "hub-only"; the agent "shared", "agent-only" and "private".
+    let hub_docs = vec![doc("shared", 1), doc("hub-only", 2), doc("shared", 3)];
+    let agent_docs = vec![doc("shared", 4), doc("agent-only", 5), doc("private", 6)];
+    let hub_scope = CollectionScope::all();
+    let agent_scope = CollectionScope {
+        only: Some(["shared", "agent-only", "private"].map(|c| c.parse().unwrap()).into()),
+        except: ["private".parse().unwrap()].into(),
+    };
+    let mut pair = Pair::scoped([hub_docs.clone(), agent_docs.clone()], [hub_scope, agent_scope]);
+    pair.connect();
+    let ids = |docs: &[StoredDoc], keep: &[usize]| -> BTreeSet<DocId> {
+        keep.iter().map(|&i| docs[i].doc_id).collect()
+    };
+    let hub_has: BTreeSet<DocId> = pair.heads(0).into_keys().collect();
+    let agent_has: BTreeSet<DocId> = pair.heads(1).into_keys().collect();
+    // "shared" travels both ways and "agent-only" reaches the hub; "hub-only" is outside the
+    // agent's scope and "private" is excluded by it.
+    let expected_hub: BTreeSet<DocId> =
+        ids(&hub_docs, &[0, 1, 2]).union(&ids(&agent_docs, &[0, 1])).copied().collect();
+    let expected_agent: BTreeSet<DocId> =
+        ids(&agent_docs, &[0, 1, 2]).union(&ids(&hub_docs, &[0, 2])).copied().collect();
+    assert_eq!(hub_has, expected_hub);
+    assert_eq!(agent_has, expected_agent);
+    for doc_id in pair.synced_documents() {
+        assert!(!ids(&hub_docs, &[1]).contains(&doc_id) && doc_id != agent_docs[2].doc_id);
+    }
 }
 
 #[test]

@@ -14,9 +14,11 @@ use std::time::Duration;
 
 use cairn_shared::frame::{encode_frame, FrameDecoder};
 use cairn_shared::ids::{DocId, NodeId};
+use cairn_shared::message::CollectionReconcile;
 use cairn_shared::message::{Envelope, InventoryEntry, Message, Role, PROTOCOL_VERSION};
 use cairn_shared::node::Request;
 use cairn_shared::reconcile::{Fingerprint, IdRange, RangePart, ReconcileMessage};
+use cairn_shared::scope::CollectionScope;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -152,7 +154,11 @@ fn hostile_bytes_close_only_the_offending_connection_and_syncing_goes_on() {
 fn attacks(cluster: &Cluster) -> Vec<Attack> {
     let max_frame = cluster.slots[HUB].config().max_frame_bytes;
     let oversized = u32::try_from(max_frame + 1).unwrap().to_be_bytes().to_vec();
-    let mut unknown_version = frame_of(&Message::Hello { node_id: rogue(), role: Role::Agent });
+    let mut unknown_version = frame_of(&Message::Hello {
+        node_id: rogue(),
+        role: Role::Agent,
+        scope: CollectionScope::all(),
+    });
     unknown_version[4] = PROTOCOL_VERSION + 1;
     let garbage_sync = Message::DocSync {
         doc_id: DocId::from_slice(&[9; 16]).unwrap(),
@@ -166,8 +172,13 @@ fn attacks(cluster: &Cluster) -> Vec<Attack> {
         count: 0,
     };
     // Two summaries of the same range: a message no reconciler may answer.
-    let overlapping_ranges =
-        Message::Reconcile { message: ReconcileMessage { ranges: vec![summary; 2] } };
+    let overlapping_ranges = Message::Reconcile {
+        opens: true,
+        parts: vec![CollectionReconcile {
+            collection: "plant-7/sensors".parse().unwrap(),
+            message: ReconcileMessage { ranges: vec![summary; 2] },
+        }],
+    };
     vec![
         Attack {
             name: "garbage after hello",
@@ -182,6 +193,7 @@ fn attacks(cluster: &Cluster) -> Vec<Attack> {
             bytes: vec![frame_of(&Message::Hello {
                 node_id: cluster.slots[1].id,
                 role: Role::Agent,
+                scope: CollectionScope::all(),
             })],
         },
         Attack { name: "message before hello", bytes: vec![frame_of(&early_inventory)] },
@@ -249,7 +261,7 @@ fn rogue() -> NodeId {
 }
 
 fn hello() -> Vec<u8> {
-    frame_of(&Message::Hello { node_id: rogue(), role: Role::Agent })
+    frame_of(&Message::Hello { node_id: rogue(), role: Role::Agent, scope: CollectionScope::all() })
 }
 
 /// A well-formed frame, stamped at virtual time zero: a timestamp from the past never trips the

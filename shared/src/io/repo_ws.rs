@@ -257,7 +257,11 @@ impl Session {
         mut frames: mpsc::Receiver<WriterMessage>,
     ) -> Ending {
         let mut relayed = self.bridge.relay.subscribe();
-        let role = Message::Hello { node_id: self.peer_node, role: Role::Client };
+        let role = Message::Hello {
+            node_id: self.peer_node,
+            role: Role::Client,
+            scope: crate::scope::CollectionScope::all(),
+        };
         let mut step = match self.to_node(role).await {
             Some(ending) => Step::end(ending),
             None => Step::send(self.peer_message()),

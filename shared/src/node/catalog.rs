@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use crate::document::heads_digest;
-use crate::ids::DocId;
+use crate::ids::{Collection, DocId};
 use crate::reconcile::MemoryStore;
 use crate::store_task::IndexEntry;
 
@@ -16,13 +16,24 @@ use crate::store_task::IndexEntry;
 #[derive(Debug, Default)]
 pub(super) struct Catalog {
     entries: BTreeMap<DocId, IndexEntry>,
-    reconcile: MemoryStore,
+    /// One reconciliation set per collection: sessions are scoped per collection.
+    reconcile: BTreeMap<Collection, MemoryStore>,
 }
 
 impl Catalog {
     /// Records a document's committed state.
     pub(super) fn record(&mut self, doc_id: DocId, entry: IndexEntry) {
-        self.reconcile.insert(doc_id, heads_digest(&entry.heads));
+        let digest = heads_digest(&entry.heads);
+        match self.reconcile.get_mut(&entry.collection) {
+            Some(set) => {
+                set.insert(doc_id, digest);
+            }
+            None => {
+                let mut set = MemoryStore::new();
+                set.insert(doc_id, digest);
+                self.reconcile.insert(entry.collection.clone(), set);
+            }
+        }
         self.entries.insert(doc_id, entry);
     }
 
@@ -42,8 +53,14 @@ impl Catalog {
         self.entries.iter()
     }
 
-    /// The set reconciliation sessions read: (document, digest of its committed heads).
-    pub(super) fn reconcile_set(&self) -> &MemoryStore {
-        &self.reconcile
+    /// The set a collection's reconciliation sessions read: (document, digest of its
+    /// committed heads), for every document of the collection.
+    pub(super) fn reconcile_set(&self, collection: &Collection) -> Option<&MemoryStore> {
+        self.reconcile.get(collection)
+    }
+
+    /// Every collection with a document here, and its reconciliation set.
+    pub(super) fn collections(&self) -> impl Iterator<Item = (&Collection, &MemoryStore)> {
+        self.reconcile.iter()
     }
 }

@@ -33,7 +33,8 @@ impl Node {
         let mut state = Peer::new(peer, self.config.max_frame_bytes);
         state.hello_deadline = Some(now + Duration::from_millis(self.config.hello_timeout_ms));
         self.peers.insert(conn, state);
-        self.send(conn, Message::Hello { node_id: self.node_id, role: self.role });
+        let scope = self.config.collections.clone();
+        self.send(conn, Message::Hello { node_id: self.node_id, role: self.role, scope });
     }
 
     /// Forgets the peer, and any empty placeholder only a departing client had asked for, so
@@ -84,7 +85,7 @@ impl Node {
             return;
         };
         match (peer.phase, message) {
-            (PeerPhase::AwaitingHello, Message::Hello { node_id, role }) => {
+            (PeerPhase::AwaitingHello, Message::Hello { node_id, role, scope }) => {
                 if node_id != peer.node_id {
                     let proven = peer.node_id;
                     return self.refuse(
@@ -93,6 +94,7 @@ impl Node {
                     );
                 }
                 peer.phase = PeerPhase::Ready(role);
+                peer.scope = self.config.collections.intersect(&scope);
                 self.start_reconciliation(conn);
             }
             (_, Message::Refuse { reason, .. }) => {
@@ -103,8 +105,8 @@ impl Node {
             (PeerPhase::Ready(_), Message::Inventory { entries }) => {
                 self.on_inventory(conn, entries)
             }
-            (PeerPhase::Ready(_), Message::Reconcile { message }) => {
-                self.on_reconcile(conn, &message)
+            (PeerPhase::Ready(_), Message::Reconcile { opens, parts }) => {
+                self.on_reconcile(conn, opens, parts)
             }
             (PeerPhase::Ready(_), Message::DocSync { doc_id, collection, sync_message }) => {
                 self.on_doc_sync(conn, doc_id, collection, &sync_message)
@@ -133,7 +135,8 @@ impl Node {
     /// For every document the peer lists that we lack or hold differently, start a fresh sync.
     /// Stored documents are compared by their catalog entry, so equal ones are never loaded.
     pub(super) fn on_inventory(&mut self, conn: ConnId, entries: Vec<InventoryEntry>) {
-        for entry in entries {
+        let Some(scope) = self.peers.get(&conn).map(|p| p.scope.clone()) else { return };
+        for entry in entries.into_iter().filter(|e| scope.contains(&e.collection)) {
             let doc_id = entry.doc_id;
             if let Some(known) = self.catalog.get(&doc_id) {
                 if known.collection == entry.collection
@@ -154,6 +157,19 @@ impl Node {
     /// Starts syncing a document with a peer from a fresh sync state, loading it first if it
     /// is cold. A fresh state forgets anything a lost message left in flight.
     pub(super) fn offer(&mut self, conn: ConnId, doc_id: DocId) {
+        let collection = match self.catalog.get(&doc_id) {
+            Some(entry) => Some(&entry.collection),
+            None => self.documents.get(&doc_id).map(|d| &d.collection),
+        };
+        let outside_scope = match (collection, self.peers.get(&conn)) {
+            (Some(collection), Some(peer)) => {
+                peer.replicates_everything() && !peer.scope.contains(collection)
+            }
+            _ => true,
+        };
+        if outside_scope {
+            return;
+        }
         match self.locate(doc_id) {
             Residence::Hot => {}
             Residence::Cold => return self.defer(doc_id, Deferred::Offer { conn }),
@@ -179,6 +195,15 @@ impl Node {
                 return self.refuse(conn, format!("bad sync message for {doc_id}: {error}"))
             }
         };
+        // A collection outside the scope both sides announced is not synced here; a peer
+        // that sends one anyway is ignored for that document, as a quarantined one is.
+        if self
+            .peers
+            .get(&conn)
+            .is_some_and(|p| p.replicates_everything() && !p.scope.contains(&collection))
+        {
+            return;
+        }
         match self.locate(doc_id) {
             Residence::Hot => {}
             Residence::Cold => {
@@ -277,11 +302,14 @@ impl Node {
     /// new message the peer would never learn they are now durable.
     pub(super) fn flush_announced(&mut self) {
         for doc_id in std::mem::take(&mut self.announced) {
-            let Some(heads) = self.documents.get(&doc_id).map(|d| d.doc.get_heads()) else {
-                continue;
-            };
-            let conns: Vec<ConnId> =
-                self.peers.iter().filter(|(_, p)| p.follows(&doc_id)).map(|(c, _)| *c).collect();
+            let Some(document) = self.documents.get(&doc_id) else { continue };
+            let heads = document.doc.get_heads();
+            let conns: Vec<ConnId> = self
+                .peers
+                .iter()
+                .filter(|(_, p)| p.follows(&doc_id, &document.collection))
+                .map(|(c, _)| *c)
+                .collect();
             for conn in conns {
                 if let Some(state) =
                     self.peers.get_mut(&conn).and_then(|p| p.sync_states.get_mut(&doc_id))

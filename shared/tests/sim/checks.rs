@@ -74,7 +74,7 @@ pub fn describe(message: &Message) -> String {
         Message::Hello { .. } => "hello".into(),
         Message::Refuse { reason, .. } => format!("refuse ({reason})"),
         Message::Inventory { entries } => format!("inventory of {}", entries.len()),
-        Message::Reconcile { message } => format!("reconcile of {} ranges", message.ranges.len()),
+        Message::Reconcile { parts, .. } => format!("reconcile of {} collections", parts.len()),
         Message::DocSync { doc_id, sync_message, .. } => {
             format!("sync of {doc_id} ({} bytes)", sync_message.len())
         }
