@@ -32,6 +32,9 @@ pub struct SyncConfig {
     /// Largest document, in stored bytes. A document at the limit takes no more local writes,
     /// and one that a peer's changes would take past it is quarantined.
     pub max_document_bytes: usize,
+    /// Most changes in one document's history, with the same effect as `max_document_bytes`:
+    /// Automerge's memory and merge time grow with the history, not only with its bytes.
+    pub max_document_changes: usize,
     /// Compress a frame of batched sync messages (catch-up after a reconnect, fan-out of many
     /// documents) when its messages reach this many bytes and compressing shrinks them; 0
     /// never compresses. Small frames are sent as they are: live edits gain little from it.
@@ -62,6 +65,7 @@ impl SyncConfig {
             hello_timeout_ms: 10_000,
             document_cache_bytes: 32 * 1024 * 1024,
             max_document_bytes: 64 * 1024 * 1024,
+            max_document_changes: 1_000_000,
             compress_above_bytes: 16 * 1024,
             collections: CollectionScope::all(),
         }
@@ -96,6 +100,9 @@ impl SyncConfig {
             return Err(ConfigError("max_document_bytes must be at least 1024".into()));
         }
         self.collections.validate().map_err(|error| ConfigError(error.to_string()))?;
+        if self.max_document_changes == 0 {
+            return Err(ConfigError("max_document_changes must be at least 1".into()));
+        }
         if self.compact_after_changes == 0 {
             return Err(ConfigError("compact_after_changes must be at least 1".into()));
         }

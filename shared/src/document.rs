@@ -61,6 +61,8 @@ pub struct Document {
     pub stored_bytes: usize,
     /// When the node last used the document, in its own use counter (for eviction).
     pub last_used: u64,
+    /// Changes in the document's history, which `max_document_changes` bounds.
+    pub change_count: usize,
 }
 
 impl Document {
@@ -74,6 +76,7 @@ impl Document {
             persisting: 0,
             stored_bytes: 0,
             last_used: 0,
+            change_count: 0,
         }
     }
 
@@ -92,6 +95,7 @@ impl Document {
             .collect::<Result<Vec<_>, _>>()?;
         guarded(|| doc.apply_changes(changes))?;
         doc.set_actor(actor);
+        let change_count = doc.get_changes_meta(&[]).len();
         Ok(Self {
             doc,
             collection: stored.collection.clone(),
@@ -100,6 +104,7 @@ impl Document {
             persisting: 0,
             stored_bytes: stored.stored_bytes(),
             last_used: 0,
+            change_count,
         })
     }
 

@@ -401,6 +401,12 @@ impl Pair {
         };
         let hub = config(SyncConfig::hub(), max_document_bytes[0]);
         let edge = config(SyncConfig::edge(), max_document_bytes[1]);
+        Self::cold_with(documents, [hub, edge])
+    }
+
+    /// Both sides start from their heads index only, configured as given.
+    fn cold_with(documents: [Vec<StoredDoc>; 2], configs: [SyncConfig; 2]) -> Self {
+        let [hub, edge] = configs;
         let mut nodes = [wired_node(1, Role::Hub, hub), wired_node(2, Role::Agent, edge)];
         let mut stores: [BTreeMap<DocId, StoredDoc>; 2] = Default::default();
         for side in 0..2 {
@@ -743,6 +749,47 @@ fn a_document_that_cannot_be_loaded_is_quarantined_and_the_peer_stays_connected(
         ),
         "{outputs:?}"
     );
+}
+
+#[test]
+fn a_merge_past_the_change_limit_quarantines_the_document_and_local_writes_stop_at_it() {
+    let long = stored_doc(1, &["a", "b", "c", "d", "e"]);
+    let short = stored_doc(2, &["v"]);
+    let limited = SyncConfig { max_document_changes: 3, ..SyncConfig::hub() };
+    let mut pair = Pair::cold_with(
+        [Vec::new(), vec![long.clone(), short.clone()]],
+        [limited, SyncConfig::edge()],
+    );
+    pair.connect();
+    let quarantined: Vec<(DocId, String)> =
+        pair.nodes[0].quarantined().map(|(id, why)| (*id, why.to_owned())).collect();
+    assert_eq!(quarantined.len(), 1);
+    assert_eq!(quarantined[0].0, long.doc_id);
+    assert!(quarantined[0].1.contains("3 changes"), "{}", quarantined[0].1);
+    assert!(pair.catalog_heads(0).contains_key(&short.doc_id), "other documents still sync");
+    assert_eq!(pair.nodes[0].ready_peers(), 1);
+    // Local writes stop at the limit too: the short document takes two more changes.
+    let now = Instant::now();
+    let edit = |id, value: &str| Input::Request {
+        id,
+        request: Request::Edit {
+            doc_id: short.doc_id,
+            ops: serde_json::from_value(json!([{"op": "set", "path": ["k"], "value": value}]))
+                .unwrap(),
+        },
+    };
+    let mut answers = Vec::new();
+    for (id, value) in [(10, "w"), (11, "x"), (12, "y")] {
+        pair.nodes[0].handle_input(now, edit(id, value));
+        while let Some(output) = pair.nodes[0].poll_output() {
+            match output {
+                Output::Respond { id, result } => answers.push((id, result.is_ok())),
+                other => pair.carry(now, 0, other),
+            }
+        }
+        pair.run(now);
+    }
+    assert_eq!(answers, vec![(10, true), (11, true), (12, false)]);
 }
 
 #[test]

@@ -203,7 +203,9 @@ impl From<DriverError> for ApiError {
             DriverError::Request(e @ RequestError::Quarantined { .. }) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "quarantined", e.to_string())
             }
-            DriverError::Request(e @ RequestError::TooLarge { .. }) => {
+            DriverError::Request(
+                e @ (RequestError::TooLarge { .. } | RequestError::TooManyChanges { .. }),
+            ) => {
                 Self::new(StatusCode::PAYLOAD_TOO_LARGE, "document_too_large", e.to_string())
             }
             DriverError::Stopped => {

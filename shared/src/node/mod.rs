@@ -299,6 +299,7 @@ impl Node {
         document.is_placeholder = false;
         document.persisting += 1;
         document.changes_since_snapshot += changes.len();
+        document.change_count += changes.len();
         self.stats.changes_committed += changes.len() as u64;
         let mut stored_bytes = document.stored_bytes + changes.iter().map(Vec::len).sum::<usize>();
         let entry = IndexEntry {

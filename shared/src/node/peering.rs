@@ -217,16 +217,12 @@ impl Node {
                 self.cache_insert(doc_id, placeholder);
             }
         }
-        let limit = self.config.max_document_bytes;
+        let (byte_limit, change_limit) =
+            (self.config.max_document_bytes, self.config.max_document_changes);
         let incoming: usize = message.changes.iter().map(<[u8]>::len).sum();
         let Some(document) = self.documents.get_mut(&doc_id) else { return };
-        if document.stored_bytes.saturating_add(incoming) > limit {
-            let origin = self.peers.get(&conn).map(|p| p.node_id);
-            let reason = match origin {
-                Some(origin) => format!("changes from {origin} would take it past {limit} bytes"),
-                None => format!("changes would take it past {limit} bytes"),
-            };
-            return self.quarantine(doc_id, reason);
+        if document.stored_bytes.saturating_add(incoming) > byte_limit {
+            return self.quarantine_merge(conn, doc_id, format!("{byte_limit} bytes"));
         }
         let Some(peer) = self.peers.get_mut(&conn) else {
             return;
@@ -258,6 +254,13 @@ impl Node {
             .then(|| state.their_heads.clone())
             .flatten();
         let changed = document.doc.get_heads() != before;
+        // A message may carry a whole document as one entry, so changes are counted once
+        // applied, before anything is stored: a quarantined merge leaves the store as it was.
+        if changed
+            && document.change_count + document.doc.get_changes_meta(&before).len() > change_limit
+        {
+            return self.quarantine_merge(conn, doc_id, format!("{change_limit} changes"));
+        }
         if let Some(heads) = hub_heads {
             self.hub_advertised(doc_id, heads);
         }
@@ -272,6 +275,15 @@ impl Node {
             }
             self.sync_with(conn, doc_id);
         }
+    }
+
+    /// Quarantines a document that a peer's changes would take past a limit.
+    fn quarantine_merge(&mut self, conn: ConnId, doc_id: DocId, limit: String) {
+        let reason = match self.peers.get(&conn) {
+            Some(peer) => format!("changes from {} would take it past {limit}", peer.node_id),
+            None => format!("changes would take it past {limit}"),
+        };
+        self.quarantine(doc_id, reason);
     }
 
     /// Notes the heads a hub advertised, and answers the writes they make hub-durable.

@@ -185,12 +185,17 @@ impl Node {
         }
     }
 
-    /// A document at or over `max_document_bytes` takes no more local writes: merges past the
-    /// limit quarantine a document, and local writes must not grow one toward that.
+    /// A document at or over `max_document_bytes` or `max_document_changes` takes no more
+    /// local writes: merges past the limits quarantine a document, and local writes must not
+    /// grow one toward that.
     fn within_size_limit(&self, doc_id: DocId, document: &Document) -> Result<(), RequestError> {
         let limit = self.config.max_document_bytes;
         if document.stored_bytes >= limit {
             return Err(RequestError::TooLarge { doc_id, limit });
+        }
+        let limit = self.config.max_document_changes;
+        if document.change_count >= limit {
+            return Err(RequestError::TooManyChanges { doc_id, limit });
         }
         Ok(())
     }

@@ -245,6 +245,14 @@ pub enum RequestError {
         /// The limit, in stored bytes.
         limit: usize,
     },
+    /// The document reached `max_document_changes` and takes no more writes.
+    #[error("document {doc_id} reached the limit of {limit} changes")]
+    TooManyChanges {
+        /// The document.
+        doc_id: DocId,
+        /// The limit, in changes.
+        limit: usize,
+    },
 }
 
 /// Something the driver must do.
