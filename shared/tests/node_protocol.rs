@@ -410,8 +410,12 @@ impl Pair {
         let mut nodes = [wired_node(1, Role::Hub, hub), wired_node(2, Role::Agent, edge)];
         let mut stores: [BTreeMap<DocId, StoredDoc>; 2] = Default::default();
         for side in 0..2 {
+            // As a real node starts: the whole heads index at once, in id order.
+            let mut index: Vec<(DocId, IndexEntry)> =
+                documents[side].iter().map(|doc| (doc.doc_id, index_entry(doc))).collect();
+            index.sort_by_key(|(id, _)| *id);
+            nodes[side].restore_all(index);
             for doc in &documents[side] {
-                nodes[side].restore(doc.doc_id, index_entry(doc));
                 stores[side].insert(doc.doc_id, doc.clone());
             }
         }

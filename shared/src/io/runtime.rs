@@ -189,9 +189,7 @@ impl RunningNode {
         // Documents stay on disk until something needs them; one that then fails to load is
         // quarantined, not fatal.
         let documents = index.len();
-        for (doc_id, entry) in index {
-            node.restore(doc_id, entry);
-        }
+        node.restore_all(index);
         tracing::info!(documents, "heads index loaded");
         let metrics = Arc::new(Metrics::new());
         let (queue_tx, queue_rx) = tokio::sync::mpsc::channel(super::store::STORE_QUEUE_CAPACITY);

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use crate::document::heads_digest;
 use crate::ids::{Collection, DocId};
-use crate::reconcile::MemoryStore;
+use crate::reconcile::{Item, MemoryStore};
 use crate::store_task::IndexEntry;
 
 /// Committed documents, hot or cold.
@@ -35,6 +35,36 @@ impl Catalog {
             }
         }
         self.entries.insert(doc_id, entry);
+    }
+
+    /// Records many documents' committed state at once, as read from the heads index at
+    /// start-up. Built in bulk, which is several times faster than one record at a time.
+    pub(super) fn record_all(&mut self, entries: Vec<(DocId, IndexEntry)>) {
+        let mut by_collection: BTreeMap<Collection, Vec<Item>> = BTreeMap::new();
+        for (doc_id, entry) in &entries {
+            let item = Item { doc_id: *doc_id, heads_digest: heads_digest(&entry.heads) };
+            match by_collection.get_mut(&entry.collection) {
+                Some(items) => items.push(item),
+                None => {
+                    by_collection.insert(entry.collection.clone(), vec![item]);
+                }
+            }
+        }
+        for (collection, items) in by_collection {
+            match self.reconcile.get_mut(&collection) {
+                Some(set) => items.into_iter().for_each(|i| {
+                    set.insert(i.doc_id, i.heads_digest);
+                }),
+                None => {
+                    self.reconcile.insert(collection, items.into_iter().collect());
+                }
+            }
+        }
+        if self.entries.is_empty() {
+            self.entries = entries.into_iter().collect();
+        } else {
+            self.entries.extend(entries);
+        }
     }
 
     pub(super) fn get(&self, doc_id: &DocId) -> Option<&IndexEntry> {

@@ -140,6 +140,13 @@ impl Node {
         self.catalog.record(doc_id, entry);
     }
 
+    /// Adds every stored document's index entry at start-up, as [`Node::restore`] does one by
+    /// one, but built in bulk: entries in id order, as the store's index returns them, cost
+    /// a fraction of separate inserts.
+    pub fn restore_all(&mut self, index: Vec<(DocId, IndexEntry)>) {
+        self.catalog.record_all(index);
+    }
+
     /// Adds a document read from the store at start-up, loaded.
     pub fn load(&mut self, stored: &StoredDoc) -> Result<(), DocumentError> {
         let document = Document::load(stored, self.actor.clone())?;
