@@ -3,13 +3,14 @@
 //! Automerge can panic on some malformed inputs. Every call that hands it bytes from outside
 //! goes through [`guarded`], so a hostile peer costs one document reload, never the process.
 
+use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc, ScalarValue, Value, ROOT};
 use sha2::{Digest, Sha256};
 
-use crate::ids::Collection;
+use crate::ids::{Collection, NodeId};
 use crate::message::HeadsDigest;
 use crate::store_task::StoredDoc;
 
@@ -63,6 +64,9 @@ pub struct Document {
     pub last_used: u64,
     /// Changes in the document's history, which `max_document_changes` bounds.
     pub change_count: usize,
+    /// What this node last shared with departed peers (`sync::State::encode()` output), so
+    /// the next connection to one of them resumes its sync from there instead of from zero.
+    pub saved_sync_states: BTreeMap<NodeId, Vec<u8>>,
 }
 
 impl Document {
@@ -77,6 +81,7 @@ impl Document {
             stored_bytes: 0,
             last_used: 0,
             change_count: 0,
+            saved_sync_states: BTreeMap::new(),
         }
     }
 
@@ -105,6 +110,7 @@ impl Document {
             stored_bytes: stored.stored_bytes(),
             last_used: 0,
             change_count,
+            saved_sync_states: BTreeMap::new(),
         })
     }
 

@@ -36,12 +36,24 @@ pub enum StoreTask {
         /// `Automerge::save()` output covering every change stored so far.
         snapshot: Vec<u8>,
     },
-    /// Read a document back (after its in-memory copy was discarded).
+    /// Read a document back (after its in-memory copy was discarded), with the sync states
+    /// saved for it.
     Load {
         /// The document.
         doc_id: DocId,
     },
+    /// Save what a departed peer and this node were known to share of each document
+    /// (Automerge's persisted sync state), so the next connection resumes from there.
+    SaveSyncStates {
+        /// The peer.
+        peer: NodeId,
+        /// Per document, `sync::State::encode()` output.
+        states: Vec<(DocId, Vec<u8>)>,
+    },
 }
+
+/// Sync states saved for one document: per peer, `sync::State::encode()` output.
+pub type SavedSyncStates = Vec<(NodeId, Vec<u8>)>;
 
 /// A document as stored: snapshot plus incremental changes since it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +93,7 @@ pub struct IndexEntry {
 pub enum StoreReply {
     /// The task's transaction committed.
     Committed,
-    /// The answer to [`StoreTask::Load`]; `None` if the store has no such document.
-    Loaded(Option<StoredDoc>),
+    /// The answer to [`StoreTask::Load`]: the document (`None` if the store has no such
+    /// document) and the sync states saved for it.
+    Loaded(Option<StoredDoc>, SavedSyncStates),
 }

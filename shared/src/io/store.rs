@@ -16,9 +16,9 @@ use automerge::ChangeHash;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::mpsc;
 
-use crate::ids::{Collection, DocId};
+use crate::ids::{Collection, DocId, NodeId};
 use crate::node::TaskId;
-use crate::store_task::{IndexEntry, StoreReply, StoreTask, StoredDoc};
+use crate::store_task::{IndexEntry, SavedSyncStates, StoreReply, StoreTask, StoredDoc};
 
 /// Most tasks folded into one transaction.
 pub const MAX_TASKS_PER_COMMIT: usize = 1024;
@@ -61,6 +61,13 @@ const MIGRATIONS: &[&str] = &[
     // 4: the heads index as a covering index, so a start reads it in id order without
     // touching table rows (where snapshots live, and `deleted` sits after them).
     "CREATE INDEX documents_heads ON documents(doc_id, collection, heads, deleted);",
+    // 5: per-peer sync states saved when a peer leaves, read back with the document.
+    "CREATE TABLE sync_states (
+        doc_id BLOB NOT NULL,
+        peer BLOB NOT NULL,
+        state BLOB NOT NULL,
+        PRIMARY KEY (doc_id, peer)
+    ) WITHOUT ROWID;",
 ];
 
 /// A storage failure.
@@ -205,7 +212,18 @@ impl Store {
                     )?;
                     StoreReply::Committed
                 }
-                StoreTask::Load { doc_id } => StoreReply::Loaded(load_doc(&tx, *doc_id)?),
+                StoreTask::Load { doc_id } => {
+                    StoreReply::Loaded(load_doc(&tx, *doc_id)?, load_sync_states(&tx, *doc_id)?)
+                }
+                StoreTask::SaveSyncStates { peer, states } => {
+                    let mut insert = tx.prepare_cached(
+                        "INSERT OR REPLACE INTO sync_states (doc_id, peer, state) VALUES (?1, ?2, ?3)",
+                    )?;
+                    for (doc_id, state) in states {
+                        insert.execute(params![doc_id.as_bytes(), peer.as_bytes(), state])?;
+                    }
+                    StoreReply::Committed
+                }
             };
             replies.push((*task, reply));
         }
@@ -219,6 +237,21 @@ impl Store {
             self.conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM feed", [], |row| row.get(0))?;
         Ok(u64::try_from(seq).unwrap_or(0))
     }
+}
+
+/// The sync states saved for a document, per peer.
+fn load_sync_states(conn: &Connection, doc_id: DocId) -> Result<SavedSyncStates, StoreError> {
+    let mut query = conn.prepare_cached("SELECT peer, state FROM sync_states WHERE doc_id = ?1")?;
+    let mut rows = query.query(params![doc_id.as_bytes()])?;
+    let mut states = Vec::new();
+    while let Some(row) = rows.next()? {
+        let peer: Vec<u8> = row.get(0)?;
+        let peer: [u8; 16] = peer.try_into().map_err(|_| {
+            StoreError::Corrupt(format!("a sync state of {doc_id} names a bad peer"))
+        })?;
+        states.push((NodeId::from_bytes(peer), row.get(1)?));
+    }
+    Ok(states)
 }
 
 /// Stores new changes, the heads index entry and a change-feed row.
@@ -388,7 +421,7 @@ mod tests {
             (4, StoreTask::Load { doc_id: doc_id(1) }),
         ];
         let replies = store.execute(&tasks).unwrap();
-        let StoreReply::Loaded(Some(loaded)) = &replies[3].1 else {
+        let StoreReply::Loaded(Some(loaded), _) = &replies[3].1 else {
             panic!("load answered {:?}", replies[3])
         };
         assert_eq!(loaded.snapshot.as_deref(), Some(&b"snap"[..]));

@@ -12,7 +12,7 @@ use std::time::Instant;
 use super::{ConnId, Node, Output, Pending, Request, RequestError, RequestId};
 use crate::document::Document;
 use crate::ids::{Collection, DocId};
-use crate::store_task::{StoreTask, StoredDoc};
+use crate::store_task::{SavedSyncStates, StoreTask, StoredDoc};
 
 /// Work that needs a document loaded first.
 #[derive(Debug)]
@@ -68,7 +68,12 @@ impl Node {
 
     /// A document came back from the store: hold it (or quarantine it), then run the work
     /// that waited for it, in order.
-    pub(super) fn on_loaded(&mut self, doc_id: DocId, stored: Option<StoredDoc>) {
+    pub(super) fn on_loaded(
+        &mut self,
+        doc_id: DocId,
+        stored: Option<StoredDoc>,
+        sync_states: SavedSyncStates,
+    ) {
         let waiting = self.loading.remove(&doc_id).unwrap_or_default();
         let limit = self.config.max_document_bytes;
         let loaded = match stored {
@@ -82,7 +87,8 @@ impl Node {
             Some(stored) => Document::load(&stored, self.actor.clone()).map_err(|e| e.to_string()),
         };
         match loaded {
-            Ok(document) => {
+            Ok(mut document) => {
+                document.saved_sync_states = sync_states.into_iter().collect();
                 self.stats.document_loads += 1;
                 self.cache_insert(doc_id, document);
             }

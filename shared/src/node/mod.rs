@@ -354,10 +354,12 @@ impl Node {
                 self.catalog.record(doc_id, entry);
                 self.committed(doc_id);
             }
-            (Some(Pending::Load { doc_id }), StoreReply::Loaded(stored)) => {
-                self.on_loaded(doc_id, stored);
+            (Some(Pending::Load { doc_id }), StoreReply::Loaded(stored, sync_states)) => {
+                self.on_loaded(doc_id, stored, sync_states);
             }
-            (Some(Pending::Load { doc_id }), StoreReply::Committed) => self.on_loaded(doc_id, None),
+            (Some(Pending::Load { doc_id }), StoreReply::Committed) => {
+                self.on_loaded(doc_id, None, Vec::new())
+            }
             (Some(Pending::Nothing) | None, _) => {}
         }
     }

@@ -7,7 +7,7 @@ use automerge::sync::{self, SyncDoc};
 use automerge::ChangeHash;
 
 use super::cache::{Deferred, Residence};
-use super::{ConnId, DurabilityReport, Node, Output, Response};
+use super::{ConnId, DurabilityReport, Node, Output, Pending, Response};
 use crate::document::{guarded, heads_digest, Document, DocumentError};
 use crate::frame::encode_frame;
 use crate::ids::{Collection, DocId, NodeId};
@@ -15,6 +15,7 @@ use crate::message::{
     DocSyncPart, Envelope, InventoryEntry, Message, Role, MAX_BATCH_PARTS, PROTOCOL_VERSION,
 };
 use crate::peer::{Peer, PeerPhase};
+use crate::store_task::StoreTask;
 
 /// Upper bound on a batch frame's sync messages, in bytes.
 const MAX_BATCH_BYTES: usize = 1024 * 1024;
@@ -42,7 +43,7 @@ impl Node {
     pub(super) fn on_disconnected(&mut self, conn: ConnId) {
         let Some(peer) = self.peers.remove(&conn) else { return };
         if peer.replicates_everything() {
-            return;
+            return self.save_sync_states(peer);
         }
         for doc_id in peer.sync_states.keys() {
             let orphan = self.documents.get(doc_id).is_some_and(|d| d.is_placeholder)
@@ -51,6 +52,36 @@ impl Node {
                 self.cache_remove(*doc_id);
             }
         }
+    }
+
+    /// Keeps what a departing node peer and this node were known to share of each document,
+    /// in the store and with the documents in memory, so that the next connection resumes
+    /// each document's sync from there rather than from an empty state.
+    fn save_sync_states(&mut self, peer: Peer) {
+        let mut states = Vec::new();
+        for (doc_id, state) in peer.sync_states {
+            if state.shared_heads.is_empty() {
+                continue;
+            }
+            let encoded = state.encode();
+            if let Some(document) = self.documents.get_mut(&doc_id) {
+                document.saved_sync_states.insert(peer.node_id, encoded.clone());
+            }
+            states.push((doc_id, encoded));
+        }
+        if !states.is_empty() {
+            self.store(StoreTask::SaveSyncStates { peer: peer.node_id, states }, Pending::Nothing);
+        }
+    }
+
+    /// A peer's sync state for a document when none is live: the one saved when the peer
+    /// last left, if the document holds one, else an empty one.
+    fn resumed_sync_state(&mut self, peer: NodeId, doc_id: DocId) -> sync::State {
+        self.documents
+            .get_mut(&doc_id)
+            .and_then(|document| document.saved_sync_states.remove(&peer))
+            .and_then(|saved| sync::State::decode(&saved).ok())
+            .unwrap_or_default()
     }
 
     pub(super) fn on_received(&mut self, conn: ConnId, bytes: &[u8]) {
@@ -154,8 +185,9 @@ impl Node {
         }
     }
 
-    /// Starts syncing a document with a peer from a fresh sync state, loading it first if it
-    /// is cold. A fresh state forgets anything a lost message left in flight.
+    /// Starts syncing a document with a peer from a fresh sync state (or the one saved when
+    /// the peer last left), loading it first if it is cold. A fresh state forgets anything a
+    /// lost message left in flight.
     pub(super) fn offer(&mut self, conn: ConnId, doc_id: DocId) {
         let collection = match self.catalog.get(&doc_id) {
             Some(entry) => Some(&entry.collection),
@@ -175,8 +207,10 @@ impl Node {
             Residence::Cold => return self.defer(doc_id, Deferred::Offer { conn }),
             Residence::Absent | Residence::Quarantined(_) => return,
         }
+        let Some(node_id) = self.peers.get(&conn).map(|p| p.node_id) else { return };
+        let state = self.resumed_sync_state(node_id, doc_id);
         if let Some(peer) = self.peers.get_mut(&conn) {
-            peer.sync_states.insert(doc_id, sync::State::new());
+            peer.sync_states.insert(doc_id, state);
             peer.awaiting_reply.remove(&doc_id);
         }
         self.sync_with(conn, doc_id);
@@ -236,6 +270,16 @@ impl Node {
             );
         }
         let origin = peer.node_id;
+        if !peer.sync_states.contains_key(&doc_id) {
+            let state = self.resumed_sync_state(origin, doc_id);
+            let Some(peer) = self.peers.get_mut(&conn) else { return };
+            peer.sync_states.insert(doc_id, state);
+        }
+        let (Some(peer), Some(document)) =
+            (self.peers.get_mut(&conn), self.documents.get_mut(&doc_id))
+        else {
+            return;
+        };
         peer.awaiting_reply.remove(&doc_id);
         let carried_changes = !message.changes.is_empty();
         let state = peer.sync_states.entry(doc_id).or_default();

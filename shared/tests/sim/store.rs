@@ -3,8 +3,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use automerge::sync;
 use automerge::{Change, ChangeHash};
-use cairn_shared::ids::DocId;
+use cairn_shared::ids::{DocId, NodeId};
 use cairn_shared::node::TaskId;
 use cairn_shared::store_task::{IndexEntry, StoreReply, StoreTask, StoredDoc};
 
@@ -15,6 +16,8 @@ pub struct SimStore {
     documents: BTreeMap<DocId, StoredDoc>,
     /// The heads index, as the real store keeps it beside the documents.
     index: BTreeMap<DocId, IndexEntry>,
+    /// Sync states saved per document and peer.
+    sync_states: BTreeMap<DocId, BTreeMap<NodeId, Vec<u8>>>,
     /// Hash of every change ever committed, to audit what a node may advertise.
     durable_changes: BTreeSet<ChangeHash>,
     /// Tasks emitted but not yet executed: lost in a crash.
@@ -103,7 +106,28 @@ impl SimStore {
                 stored.changes.clear();
                 StoreReply::Committed
             }
-            StoreTask::Load { doc_id } => StoreReply::Loaded(self.documents.get(&doc_id).cloned()),
+            StoreTask::Load { doc_id } => {
+                let states = self.sync_states.get(&doc_id).cloned().unwrap_or_default();
+                StoreReply::Loaded(
+                    self.documents.get(&doc_id).cloned(),
+                    states.into_iter().collect(),
+                )
+            }
+            StoreTask::SaveSyncStates { peer, states } => {
+                for (doc_id, encoded) in states {
+                    let state = sync::State::decode(&encoded).expect("the core saves valid states");
+                    // What both sides share, this side must have stored first: tasks commit in
+                    // emission order, so a saved state never outlives the changes it names.
+                    let unstored: Vec<_> =
+                        state.shared_heads.iter().filter(|h| !self.is_durable(h)).collect();
+                    assert!(
+                        unstored.is_empty(),
+                        "a sync state of {doc_id} names heads {unstored:?} not stored here"
+                    );
+                    self.sync_states.entry(doc_id).or_default().insert(peer, encoded);
+                }
+                StoreReply::Committed
+            }
         }
     }
 }
