@@ -39,6 +39,13 @@ pub struct SyncConfig {
     /// documents) when its messages reach this many bytes and compressing shrinks them; 0
     /// never compresses. Small frames are sent as they are: live edits gain little from it.
     pub compress_above_bytes: usize,
+    /// A node peer that has sent nothing for this long is sent a ping, in milliseconds; 0
+    /// turns heartbeats off (the transport's idle timeout still applies).
+    pub heartbeat_interval_ms: u64,
+    /// A node peer that has sent nothing, not even a pong, for this long is disconnected, in
+    /// milliseconds, so an agent moves to another hub rather than waiting on a dead one. At
+    /// least twice the interval.
+    pub heartbeat_timeout_ms: u64,
     /// The collections this node replicates (default: all). Documents of other collections
     /// can still be written here; they stay on this node.
     pub collections: CollectionScope,
@@ -67,6 +74,8 @@ impl SyncConfig {
             max_document_bytes: 64 * 1024 * 1024,
             max_document_changes: 1_000_000,
             compress_above_bytes: 16 * 1024,
+            heartbeat_interval_ms: 1_000,
+            heartbeat_timeout_ms: 4_000,
             collections: CollectionScope::all(),
         }
     }
@@ -100,6 +109,13 @@ impl SyncConfig {
             return Err(ConfigError("max_document_bytes must be at least 1024".into()));
         }
         self.collections.validate().map_err(|error| ConfigError(error.to_string()))?;
+        if self.heartbeat_interval_ms > 0
+            && self.heartbeat_timeout_ms < self.heartbeat_interval_ms.saturating_mul(2)
+        {
+            return Err(ConfigError(
+                "heartbeat_timeout_ms must be at least twice heartbeat_interval_ms".into(),
+            ));
+        }
         if self.max_document_changes == 0 {
             return Err(ConfigError("max_document_changes must be at least 1".into()));
         }
@@ -107,6 +123,16 @@ impl SyncConfig {
             return Err(ConfigError("compact_after_changes must be at least 1".into()));
         }
         Ok(())
+    }
+
+    /// The heartbeat interval and timeout, unless heartbeats are off.
+    pub fn heartbeat(&self) -> Option<(Duration, Duration)> {
+        (self.heartbeat_interval_ms > 0).then(|| {
+            (
+                Duration::from_millis(self.heartbeat_interval_ms),
+                Duration::from_millis(self.heartbeat_timeout_ms),
+            )
+        })
     }
 
     /// The anti-entropy interval as a duration.

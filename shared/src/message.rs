@@ -83,6 +83,11 @@ pub enum Message {
         /// Automerge's encoded sync message.
         sync_message: Vec<u8>,
     },
+    /// Are you there? A node peer that has heard nothing for a while asks; the answer is a
+    /// [`Message::Pong`]. A peer silent past the heartbeat timeout is disconnected.
+    Ping,
+    /// The answer to a [`Message::Ping`].
+    Pong,
     /// Several documents' Automerge sync messages in one frame: one envelope, one frame
     /// header and one receive call for a burst of documents (reconnect catch-up, fan-out of
     /// many commits). At most [`MAX_BATCH_PARTS`] parts.

@@ -45,11 +45,15 @@ pub struct Peer {
     pub reconcile_sessions: BTreeMap<Collection, SuspendedSession>,
     /// The collections both sides replicate, known once the peer's hello arrives.
     pub scope: CollectionScope,
+    /// When bytes last arrived from the peer (or the connection came up).
+    pub last_heard: Instant,
+    /// When this side last pinged the peer.
+    pub last_ping: Option<Instant>,
 }
 
 impl Peer {
     /// A peer whose transport just came up.
-    pub fn new(node_id: NodeId, max_frame_bytes: usize) -> Self {
+    pub fn new(node_id: NodeId, max_frame_bytes: usize, now: Instant) -> Self {
         Self {
             node_id,
             phase: PeerPhase::AwaitingHello,
@@ -59,6 +63,8 @@ impl Peer {
             awaiting_reply: BTreeSet::new(),
             reconcile_sessions: BTreeMap::new(),
             scope: CollectionScope::all(),
+            last_heard: now,
+            last_ping: None,
         }
     }
 

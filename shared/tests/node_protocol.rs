@@ -28,19 +28,19 @@ fn fixed_clock() -> uhlc::NTP64 {
     uhlc::NTP64(1 << 40)
 }
 
+/// A hub node without heartbeats: most tests jump time ahead by whole anti-entropy rounds,
+/// with no traffic between, which heartbeats would rightly treat as a dead peer.
 fn node() -> Node {
+    node_with(SyncConfig { heartbeat_interval_ms: 0, ..SyncConfig::hub() })
+}
+
+fn node_with(config: SyncConfig) -> Node {
     let hlc = uhlc::HLCBuilder::new()
         .with_id(uhlc::ID::try_from([1u8; 16]).unwrap())
         .with_clock(fixed_clock)
         .with_max_delta(Duration::from_millis(500))
         .build();
-    Node::new(
-        NodeId::from_bytes([1; 16]),
-        Role::Hub,
-        ActorId::from(vec![1u8; 16]),
-        hlc,
-        SyncConfig::hub(),
-    )
+    Node::new(NodeId::from_bytes([1; 16]), Role::Hub, ActorId::from(vec![1u8; 16]), hlc, config)
 }
 
 fn drain(node: &mut Node) -> Vec<Output> {
@@ -314,6 +314,44 @@ fn a_peer_that_never_says_hello_is_closed_after_the_hello_timeout() {
 }
 
 #[test]
+fn a_quiet_peer_is_pinged_and_a_silent_one_is_disconnected() {
+    let mut node = node_with(SyncConfig::hub());
+    let start = Instant::now();
+    connect(&mut node, start);
+    let (interval, timeout) = SyncConfig::hub().heartbeat().unwrap();
+    assert!(node.poll_timeout().is_some_and(|at| at <= start + interval));
+    node.handle_timeout(start + interval);
+    let outputs = drain(&mut node);
+    assert_eq!(sent_messages(&outputs), vec![Message::Ping], "{outputs:?}");
+    // Anything heard, such as the pong, counts as alive and puts the timeout off.
+    let heard = start + interval + Duration::from_millis(10);
+    let pong = frame(Message::Pong, fixed_clock());
+    node.handle_input(heard, Input::Received { conn: CONN, bytes: pong });
+    node.handle_timeout(start + timeout);
+    assert_eq!(closed(&drain(&mut node)), None);
+    assert_eq!(node.ready_peers(), 1);
+    // Silence past the timeout since the last thing heard closes the connection.
+    node.handle_timeout(heard + timeout - Duration::from_millis(1));
+    assert_eq!(closed(&drain(&mut node)), None);
+    node.handle_timeout(heard + timeout);
+    let reason = closed(&drain(&mut node)).map(str::to_owned);
+    assert!(reason.as_deref().is_some_and(|r| r.starts_with("no heartbeat")), "{reason:?}");
+    assert_eq!(node.ready_peers(), 0);
+}
+
+#[test]
+fn a_ping_is_answered_with_a_pong() {
+    let mut node = node_with(SyncConfig::hub());
+    let now = Instant::now();
+    connect(&mut node, now);
+    node.handle_input(
+        now,
+        Input::Received { conn: CONN, bytes: frame(Message::Ping, fixed_clock()) },
+    );
+    assert_eq!(sent_messages(&drain(&mut node)), vec![Message::Pong]);
+}
+
+#[test]
 fn a_read_during_an_uncommitted_write_waits_for_the_commit() {
     let mut node = node();
     let now = Instant::now();
@@ -547,7 +585,9 @@ impl Pair {
     }
 }
 
+/// A node for [`Pair`], without heartbeats (see [`node`]).
 fn wired_node(id: u8, role: Role, config: SyncConfig) -> Node {
+    let config = SyncConfig { heartbeat_interval_ms: 0, ..config };
     let hlc = uhlc::HLCBuilder::new()
         .with_id(uhlc::ID::try_from([id; 16]).unwrap())
         .with_clock(fixed_clock)

@@ -434,9 +434,13 @@ impl Session {
             }
             // The node refuses what the client sent (for example a bad sync message).
             Message::Refuse { reason, .. } => step.end = Some(Ending::Protocol(reason)),
-            // The handshake, inventories and reconciliation are for nodes; clients name their
-            // documents.
-            Message::Hello { .. } | Message::Inventory { .. } | Message::Reconcile { .. } => {}
+            // The handshake, inventories, reconciliation and heartbeats are for nodes; clients
+            // name their documents.
+            Message::Hello { .. }
+            | Message::Inventory { .. }
+            | Message::Reconcile { .. }
+            | Message::Ping
+            | Message::Pong => {}
         }
     }
 

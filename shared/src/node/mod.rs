@@ -30,6 +30,7 @@ use crate::store_task::{IndexEntry, StoreReply, StoreTask, StoredDoc};
 
 mod cache;
 mod catalog;
+mod heartbeat;
 mod peering;
 mod reconciling;
 mod requests;
@@ -211,7 +212,7 @@ impl Node {
         self.next_anti_entropy.get_or_insert(now + self.config.anti_entropy_interval());
         match input {
             Input::Connected { conn, peer } => self.on_connected(now, conn, peer),
-            Input::Received { conn, bytes } => self.on_received(conn, &bytes),
+            Input::Received { conn, bytes } => self.on_received(now, conn, &bytes),
             Input::Disconnected { conn } => self.on_disconnected(conn),
             Input::Request { id, request } => self.on_request(now, id, request),
             Input::StoreDone { task, reply } => self.on_store_done(task, reply),
@@ -222,10 +223,15 @@ impl Node {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let hello_deadline =
             self.peers.values().filter(|p| !p.is_ready()).filter_map(|p| p.hello_deadline).min();
-        [self.next_anti_entropy, self.hub_acks.next_deadline(), hello_deadline]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.next_anti_entropy,
+            self.hub_acks.next_deadline(),
+            hello_deadline,
+            self.next_heartbeat(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Runs timers that are due: periodic anti-entropy (a reconciliation session) with every
@@ -241,6 +247,7 @@ impl Node {
         for conn in silent {
             self.refuse(conn, "no hello in time".into());
         }
+        self.run_heartbeats(now);
         for request in self.hub_acks.expired(now) {
             let report = DurabilityReport { local: true, hub: false };
             self.outputs.push_back(Output::Respond {

@@ -31,7 +31,7 @@ pub(super) struct SyncBatch {
 
 impl Node {
     pub(super) fn on_connected(&mut self, now: Instant, conn: ConnId, peer: NodeId) {
-        let mut state = Peer::new(peer, self.config.max_frame_bytes);
+        let mut state = Peer::new(peer, self.config.max_frame_bytes, now);
         state.hello_deadline = Some(now + Duration::from_millis(self.config.hello_timeout_ms));
         self.peers.insert(conn, state);
         let scope = self.config.collections.clone();
@@ -84,10 +84,11 @@ impl Node {
             .unwrap_or_default()
     }
 
-    pub(super) fn on_received(&mut self, conn: ConnId, bytes: &[u8]) {
+    pub(super) fn on_received(&mut self, now: Instant, conn: ConnId, bytes: &[u8]) {
         let Some(peer) = self.peers.get_mut(&conn) else {
             return;
         };
+        peer.last_heard = now;
         peer.decoder.push(bytes);
         loop {
             let Some(peer) = self.peers.get_mut(&conn) else {
@@ -142,6 +143,8 @@ impl Node {
             (PeerPhase::Ready(_), Message::DocSync { doc_id, collection, sync_message }) => {
                 self.on_doc_sync(conn, doc_id, collection, &sync_message)
             }
+            (PeerPhase::Ready(_), Message::Ping) => self.send(conn, Message::Pong),
+            (PeerPhase::Ready(_), Message::Pong) => {} // Hearing it was the point.
             (PeerPhase::Ready(_), Message::DocSyncBatch { parts }) => {
                 for DocSyncPart { doc_id, collection, sync_message } in parts {
                     if !self.peers.contains_key(&conn) {

@@ -80,6 +80,8 @@ pub fn describe(message: &Message) -> String {
         }
         Message::DocSyncBatch { parts } => format!("sync of {} documents", parts.len()),
         Message::Compressed { deflated } => format!("compressed ({} bytes)", deflated.len()),
+        Message::Ping => "ping".into(),
+        Message::Pong => "pong".into(),
     }
 }
 

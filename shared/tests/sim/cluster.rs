@@ -517,6 +517,9 @@ impl Slot {
             compact_after_changes: rng.gen_range(2..=12),
             // Some nodes hold nothing they can evict, some only the documents in use, some
             // everything, so that loading on demand runs under every fault.
+            // The simulated carrier models the transport's idle timeout itself, and counts
+            // quiet rounds by timer calls, which pings would make meaningless.
+            heartbeat_interval_ms: 0,
             document_cache_bytes: match rng.gen_range(0..4) {
                 0 => 0,
                 1 => 2048,
