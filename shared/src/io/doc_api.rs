@@ -205,9 +205,7 @@ impl From<DriverError> for ApiError {
             }
             DriverError::Request(
                 e @ (RequestError::TooLarge { .. } | RequestError::TooManyChanges { .. }),
-            ) => {
-                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "document_too_large", e.to_string())
-            }
+            ) => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "document_too_large", e.to_string()),
             DriverError::Stopped => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "stopped", "node is shutting down")
             }
