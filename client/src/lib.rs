@@ -275,6 +275,9 @@ pub enum FeedFilter {
 pub struct HubStatus {
     /// A hub connection is up.
     pub connected: bool,
+    /// The connected hub's node id.
+    #[serde(default)]
+    pub id: Option<String>,
     /// When the hub last confirmed everything (RFC 3339), if ever.
     pub last_sync: Option<String>,
     /// Documents with changes the hub has not confirmed.

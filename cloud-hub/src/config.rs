@@ -5,9 +5,13 @@ use std::path::PathBuf;
 
 use cairn_shared::config::SyncConfig;
 use cairn_shared::ids::Collection;
+use cairn_shared::io::job_runner::JobsConfig;
+use cairn_shared::io::profile::ProfileOverride;
 use cairn_shared::io::quic::LinkTiming;
 use cairn_shared::io::repo_ws;
 use cairn_shared::io::runtime::{default_home, load_config_file, IdentityConfig};
+use cairn_shared::io::scaling::ScalingConfig;
+use cairn_shared::replication::{Region, ReplicationPolicy};
 use clap::Parser;
 use serde::Deserialize;
 
@@ -30,6 +34,19 @@ pub struct Cli {
     /// Directory of the development CA shared by local nodes.
     #[arg(long, env = "CAIRN_CA_DIR")]
     pub ca_dir: Option<PathBuf>,
+    /// Run jobs and publish this node's capability profile (`jobs.enabled`).
+    #[arg(long, env = "CAIRN_JOBS_ENABLED")]
+    pub jobs_enabled: Option<bool>,
+    /// The region this hub serves.
+    #[arg(long, env = "CAIRN_REGION")]
+    pub region: Option<Region>,
+    /// The QUIC address (host:port) agents dial for this hub, as other hubs report it.
+    #[arg(long, env = "CAIRN_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Backbone (hub-to-hub replication over zenoh) settings.
+    #[cfg(feature = "backbone")]
+    #[command(flatten)]
+    pub backbone: crate::backbone_flags::BackboneFlags,
 }
 
 /// The hub's settings.
@@ -46,6 +63,11 @@ pub struct HubConfig {
     pub certificate_names: Vec<String>,
     /// Most agent connections at once; more are refused and retry with backoff.
     pub max_connections: usize,
+    /// New agent connections admitted per second on average (0: no limit). Agents beyond it
+    /// are told when to come back, so a restart does not turn into a reconnect storm.
+    pub admission_rate_per_s: u32,
+    /// New agent connections admitted at once before the rate applies.
+    pub admission_burst: u32,
     /// TLS material.
     pub identity: IdentityConfig,
     /// Sync tuning.
@@ -55,6 +77,31 @@ pub struct HubConfig {
     pub sync_collection: Collection,
     /// Heartbeat timing.
     pub link: LinkTiming,
+    /// The region this hub serves; the replication policy names regions.
+    pub region: Region,
+    /// The QUIC address (host:port) agents dial for this hub, announced to the other hubs and
+    /// shown by `/v1/topology` (default: `listen`, unless it is an unspecified address).
+    pub advertise: Option<String>,
+    /// Which regions hold which collections.
+    pub replication: ReplicationPolicy,
+    /// Job execution, profile publication and the placement policy.
+    pub jobs: JobsConfig,
+    /// For tests and labs only: replaces measured profile values. Never set it in production.
+    pub profile_override: ProfileOverride,
+    /// Load signals, forecast and the recommended replica count (`/v1/scaling`).
+    pub scaling: ScalingConfig,
+    /// Replication with the other hubs over zenoh.
+    #[cfg(feature = "backbone")]
+    pub backbone: cairn_shared::io::backbone::BackboneConfig,
+    /// A build without the backbone still reads the section, so one file serves every build;
+    /// the hub warns that it is ignored.
+    #[cfg(not(feature = "backbone"))]
+    pub backbone: Option<serde_json::Value>,
+}
+
+/// The region a hub serves when none is configured.
+pub fn default_region() -> Region {
+    Region::try_from(String::from("local")).expect("\"local\" is a valid region name")
 }
 
 impl Default for HubConfig {
@@ -65,10 +112,19 @@ impl Default for HubConfig {
             http_listen: ([127, 0, 0, 1], 7701).into(),
             certificate_names: vec!["localhost".into(), "127.0.0.1".into()],
             max_connections: 10_000,
+            admission_rate_per_s: 200,
+            admission_burst: 200,
             identity: IdentityConfig::default(),
             sync: SyncConfig::hub(),
             sync_collection: repo_ws::default_collection(),
             link: LinkTiming::default(),
+            region: default_region(),
+            advertise: None,
+            replication: ReplicationPolicy::everywhere(),
+            jobs: JobsConfig::default(),
+            profile_override: ProfileOverride::default(),
+            scaling: ScalingConfig::default(),
+            backbone: Default::default(),
         }
     }
 }
@@ -89,7 +145,23 @@ impl HubConfig {
         if let Some(dir) = &cli.ca_dir {
             config.identity.ca_dir = Some(dir.clone());
         }
+        if let Some(enabled) = cli.jobs_enabled {
+            config.jobs.enabled = enabled;
+        }
+        if let Some(region) = &cli.region {
+            config.region = region.clone();
+        }
+        if let Some(address) = &cli.advertise {
+            config.advertise = Some(address.clone());
+        }
+        #[cfg(feature = "backbone")]
+        {
+            cli.backbone.apply(&mut config.backbone);
+            config.backbone.validate()?;
+        }
         config.sync.validate()?;
+        config.jobs.validate()?;
+        config.scaling.policy.validate()?;
         anyhow::ensure!(config.max_connections > 0, "max_connections must be at least 1");
         Ok(config)
     }
@@ -116,6 +188,13 @@ mod tests {
         assert_eq!(parsed.sync, defaults.sync);
         assert_eq!(parsed.sync_collection, defaults.sync_collection);
         assert_eq!(parsed.link, defaults.link);
+        assert_eq!(parsed.region, defaults.region);
+        assert_eq!(parsed.replication, defaults.replication);
+        assert_eq!(parsed.jobs, defaults.jobs);
+        assert_eq!(parsed.profile_override, defaults.profile_override);
+        assert_eq!(parsed.scaling, defaults.scaling);
+        #[cfg(feature = "backbone")]
+        assert_eq!(parsed.backbone, defaults.backbone);
     }
 
     #[test]

@@ -1,15 +1,22 @@
 //! Cairn regional hub: accepts edge agents over QUIC with mutual TLS, stores every change
 //! durably, forwards live changes to the other agents, and serves catch-up on reconnect.
 
+#[cfg(feature = "backbone")]
+mod backbone_flags;
 mod config;
+mod topology;
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use cairn_shared::io::profile::LinkMonitor;
 use cairn_shared::io::runtime::{init_logging, shutdown_signal, NodeSetup, RunningNode};
-use cairn_shared::io::{doc_api, ops_http, quic, repo_ws};
+use cairn_shared::io::scaling::Scaling;
+use cairn_shared::io::{doc_api, job_runner, jobs_api, ops_http, quic, repo_ws, scaling};
 use cairn_shared::message::Role;
+use cairn_shared::placement::NodeRole;
 use clap::Parser;
 use tokio::sync::watch;
 
@@ -43,6 +50,8 @@ async fn main() -> anyhow::Result<()> {
         quic::AcceptLimits {
             max_connections: config.max_connections,
             stream_timeout: Duration::from_millis(config.sync.hello_timeout_ms),
+            admission_rate_per_s: config.admission_rate_per_s,
+            admission_burst: config.admission_burst,
         },
         wait_for(stop_rx.clone()),
     ));
@@ -50,8 +59,47 @@ async fn main() -> anyhow::Result<()> {
         collection: config.sync_collection.clone(),
         max_frame_bytes: config.sync.max_frame_bytes,
     };
+    // Unspecified addresses (0.0.0.0) mean nothing to agents elsewhere: announce none then.
+    let agent_address = config
+        .advertise
+        .clone()
+        .or_else(|| (!quic_addr.ip().is_unspecified()).then(|| quic_addr.to_string()));
+    #[cfg(feature = "backbone")]
+    let backbone = start_backbone(&config, &node, agent_address.clone()).await?;
+    #[cfg(not(feature = "backbone"))]
+    if config.backbone.is_some() {
+        tracing::warn!("this build has no backbone: the [backbone] section is ignored");
+    }
+    let topology = topology::Topology {
+        node_id: node.identity.node_id,
+        region: config.region.clone(),
+        agent_address,
+        policy: Arc::new(config.replication.clone()),
+        metrics: node.ops.metrics.backbone.clone(),
+        #[cfg(feature = "backbone")]
+        backbone: backbone.clone(),
+    };
+    let documents = doc_api::read_router(doc_api::ApiState::of(&node));
+    let (jobs, job_runner) = job_runner::start(
+        &node,
+        config.jobs.clone(),
+        NodeRole::Hub,
+        setup.data_dir.clone(),
+        config.profile_override.clone(),
+        LinkMonitor::new(),
+    );
+    let scaling = Scaling::default();
+    let scaler = tokio::spawn(scaling.clone().run(
+        config.scaling.clone(),
+        node.handle.clone(),
+        node.ops.metrics.scaling.clone(),
+        stop_rx.clone(),
+    ));
     let app = ops_http::ops_router(node.ops.clone())
-        .merge(doc_api::read_router(doc_api::ApiState::of(&node)))
+        .merge(jobs_api::router(jobs))
+        .merge(scaling::router(scaling))
+        .merge(topology::refuse_unheld(documents, topology.clone()))
+        .merge(topology::router(topology))
         .merge(repo_ws::router(node.handle.clone(), sync));
     node.ops.ready.store(true, Ordering::Relaxed);
     // Tests and scripts read this line; logs go to stderr.
@@ -71,8 +119,39 @@ async fn main() -> anyhow::Result<()> {
         .context("serving HTTP")?;
     tracing::info!("shutting down");
     let _ = acceptor.await;
+    job_runner.stop().await;
+    let _ = scaler.await;
+    #[cfg(feature = "backbone")]
+    if let Some(backbone) = backbone.and_then(Arc::into_inner) {
+        backbone.stop().await;
+    }
     node.stop().await.context("stopping the store")?;
     Ok(())
+}
+
+/// Joins the hub backbone unless it is disabled.
+#[cfg(feature = "backbone")]
+async fn start_backbone(
+    config: &HubConfig,
+    node: &RunningNode,
+    agent_address: Option<String>,
+) -> anyhow::Result<Option<Arc<cairn_shared::io::backbone::Backbone>>> {
+    use cairn_shared::io::backbone::{Announcement, Backbone};
+    if !config.backbone.enabled {
+        tracing::info!("backbone disabled: this hub replicates with no other hub");
+        return Ok(None);
+    }
+    let announcement = Announcement::new(config.region.clone(), agent_address)?;
+    let backbone = Backbone::start(
+        &config.backbone,
+        announcement,
+        node.handle.clone(),
+        config.sync.max_frame_bytes,
+        node.ops.metrics.backbone.clone(),
+    )
+    .await
+    .context("joining the backbone")?;
+    Ok(Some(Arc::new(backbone)))
 }
 
 async fn wait_for(mut stop: watch::Receiver<bool>) {

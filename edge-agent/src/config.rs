@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use cairn_shared::config::SyncConfig;
 use cairn_shared::ids::Collection;
-use cairn_shared::io::quic::LinkTiming;
+use cairn_shared::io::job_runner::JobsConfig;
+use cairn_shared::io::profile::ProfileOverride;
+use cairn_shared::io::quic::{HubAddress, LinkTiming};
 use cairn_shared::io::repo_ws;
 use cairn_shared::io::runtime::{default_home, load_config_file, IdentityConfig};
 use clap::Parser;
@@ -28,6 +30,9 @@ pub struct Cli {
     /// The hub's QUIC address.
     #[arg(long, env = "CAIRN_HUB")]
     pub hub: Option<SocketAddr>,
+    /// Hubs to fail over between, most preferred first (comma-separated); replaces `hub`.
+    #[arg(long, env = "CAIRN_HUBS", value_delimiter = ',')]
+    pub hubs: Option<Vec<SocketAddr>>,
     /// Address of the local HTTP API (use port 0 for any free port).
     #[arg(long, env = "CAIRN_API_LISTEN")]
     pub api_listen: Option<SocketAddr>,
@@ -40,6 +45,9 @@ pub struct Cli {
     /// Bearer token the local API requires (mandatory when it listens beyond loopback).
     #[arg(long, env = "CAIRN_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
+    /// Run jobs and publish this node's capability profile (`jobs.enabled`).
+    #[arg(long, env = "CAIRN_JOBS_ENABLED")]
+    pub jobs_enabled: Option<bool>,
 }
 
 /// The agent's settings.
@@ -48,10 +56,13 @@ pub struct Cli {
 pub struct AgentConfig {
     /// Data directory (default: `<home>/agent`).
     pub data_dir: Option<PathBuf>,
-    /// The hub's QUIC address.
+    /// The hub's QUIC address, when there is one hub.
     pub hub: SocketAddr,
     /// The name the hub's certificate must carry.
     pub hub_server_name: String,
+    /// Hubs to fail over between, most preferred first (this region's, then others');
+    /// when set, `hub` is not used.
+    pub hubs: Vec<HubAddress>,
     /// Local HTTP API address. Beyond loopback it requires `api_token`.
     pub api_listen: SocketAddr,
     /// Serve the local API on this Unix socket instead of TCP.
@@ -67,6 +78,11 @@ pub struct AgentConfig {
     pub sync_collection: Collection,
     /// Heartbeat and reconnect timing.
     pub link: LinkTiming,
+    /// Job execution, profile publication and the placement policy.
+    pub jobs: JobsConfig,
+    /// For tests and labs only: replaces measured profile values, so that nodes on one
+    /// machine can present different capacities. Never set it in production.
+    pub profile_override: ProfileOverride,
 }
 
 impl Default for AgentConfig {
@@ -75,6 +91,7 @@ impl Default for AgentConfig {
             data_dir: None,
             hub: ([127, 0, 0, 1], 7700).into(),
             hub_server_name: "localhost".into(),
+            hubs: Vec::new(),
             api_listen: ([127, 0, 0, 1], 7780).into(),
             api_socket: None,
             api_token: None,
@@ -82,6 +99,8 @@ impl Default for AgentConfig {
             sync: SyncConfig::edge(),
             sync_collection: repo_ws::default_collection(),
             link: LinkTiming::default(),
+            jobs: JobsConfig::default(),
+            profile_override: ProfileOverride::default(),
         }
     }
 }
@@ -95,6 +114,14 @@ impl AgentConfig {
         }
         if let Some(hub) = cli.hub {
             config.hub = hub;
+            config.hubs.clear();
+        }
+        if let Some(hubs) = &cli.hubs {
+            let server_name = config.hub_server_name.clone();
+            config.hubs = hubs
+                .iter()
+                .map(|addr| HubAddress { addr: *addr, server_name: server_name.clone() })
+                .collect();
         }
         if let Some(listen) = cli.api_listen {
             config.api_listen = listen;
@@ -108,7 +135,11 @@ impl AgentConfig {
         if let Some(token) = &cli.api_token {
             config.api_token = Some(token.clone());
         }
+        if let Some(enabled) = cli.jobs_enabled {
+            config.jobs.enabled = enabled;
+        }
         config.sync.validate()?;
+        config.jobs.validate()?;
         let exposed = config.api_socket.is_none() && !config.api_listen.ip().is_loopback();
         anyhow::ensure!(
             !exposed || config.api_token.as_deref().is_some_and(|t| !t.is_empty()),
@@ -116,6 +147,15 @@ impl AgentConfig {
             config.api_listen
         );
         Ok(config)
+    }
+
+    /// The hubs to dial, most preferred first.
+    pub fn hub_list(&self) -> Vec<HubAddress> {
+        if self.hubs.is_empty() {
+            vec![HubAddress { addr: self.hub, server_name: self.hub_server_name.clone() }]
+        } else {
+            self.hubs.clone()
+        }
     }
 
     /// The data directory, with its default filled in.
@@ -139,6 +179,8 @@ mod tests {
         assert_eq!(parsed.sync_collection, defaults.sync_collection);
         assert_eq!(parsed.link, defaults.link);
         assert_eq!(parsed.identity, defaults.identity);
+        assert_eq!(parsed.jobs, defaults.jobs);
+        assert_eq!(parsed.profile_override, defaults.profile_override);
     }
 
     #[test]

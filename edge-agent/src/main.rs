@@ -6,9 +6,11 @@ mod config;
 use std::sync::atomic::Ordering;
 
 use anyhow::Context;
+use cairn_shared::io::profile::LinkMonitor;
 use cairn_shared::io::runtime::{init_logging, shutdown_signal, NodeSetup, RunningNode};
-use cairn_shared::io::{doc_api, ops_http, quic, repo_ws};
+use cairn_shared::io::{doc_api, job_runner, jobs_api, ops_http, quic, repo_ws};
 use cairn_shared::message::Role;
+use cairn_shared::placement::NodeRole;
 use clap::Parser;
 
 use crate::config::{AgentConfig, Cli};
@@ -29,22 +31,33 @@ async fn main() -> anyhow::Result<()> {
     let node = RunningNode::start(&setup).context("starting the agent")?;
     let endpoint = quic::client_endpoint(&node.identity, &config.link)
         .context("creating the QUIC endpoint")?;
-    let dialer = tokio::spawn(quic::dial_loop(
+    let link = LinkMonitor::new();
+    let dialer = tokio::spawn(quic::dial_hubs(
         endpoint.clone(),
-        config.hub,
-        config.hub_server_name.clone(),
+        config.hub_list(),
         node.handle.clone(),
         config.link,
+        link.clone(),
     ));
     let sync = repo_ws::SyncEndpoint {
         collection: config.sync_collection.clone(),
         max_frame_bytes: config.sync.max_frame_bytes,
     };
+    let (jobs, job_runner) = job_runner::start(
+        &node,
+        config.jobs.clone(),
+        NodeRole::Agent,
+        setup.data_dir.clone(),
+        config.profile_override.clone(),
+        link,
+    );
     let app = doc_api::router(doc_api::ApiState::of(&node))
+        .merge(jobs_api::router(jobs))
         .merge(repo_ws::router(node.handle.clone(), sync));
     let app = doc_api::require_token(app, config.api_token.clone())
         .merge(ops_http::ops_router(node.ops.clone()));
     let node_id = node.identity.node_id;
+    let preferred_hub = config.hub_list().first().map_or(config.hub, |h| h.addr);
     if let Some(socket) = &config.api_socket {
         // A stale socket from an earlier run would make bind fail.
         let _ = std::fs::remove_file(socket);
@@ -54,7 +67,7 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "edge-agent ready api=unix:{} node={node_id} hub={}",
             socket.display(),
-            config.hub
+            preferred_hub
         );
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown_signal())
@@ -67,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
         let api_addr = listener.local_addr()?;
         node.ops.ready.store(true, Ordering::Relaxed);
         // Tests and scripts read this line; logs go to stderr.
-        println!("edge-agent ready api=http://{api_addr} node={node_id} hub={}", config.hub);
+        println!("edge-agent ready api=http://{api_addr} node={node_id} hub={preferred_hub}");
         tracing::info!(api = %api_addr, data_dir = %setup.data_dir.display(), "agent started");
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown_signal())
@@ -75,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
             .context("serving the local API")?;
     }
     tracing::info!("shutting down");
+    job_runner.stop().await;
     dialer.abort();
     endpoint.close(0u32.into(), b"agent shutting down");
     node.stop().await.context("stopping the store")?;

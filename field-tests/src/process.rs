@@ -83,6 +83,9 @@ fn spawn(name: &str, args: &[String], log: &Path) -> anyhow::Result<Running> {
     let mut child = Command::new(binary(name)?)
         .args(args)
         .env("RUST_LOG", std::env::var("CAIRN_TEST_LOG").unwrap_or_else(|_| "info".into()))
+        // No job runner unless a test asks for it (`--jobs-enabled true`): its profile
+        // document would add to the documents and feed positions the sync tests count.
+        .env("CAIRN_JOBS_ENABLED", "false")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(stderr)

@@ -441,6 +441,32 @@ mod tests {
     }
 
     #[test]
+    fn the_forecast_leads_a_ramp_and_scaling_down_waits_for_a_sustained_lull() {
+        let policy = ScalingPolicy { agents_per_replica: 250.0, ..ScalingPolicy::default() };
+        let stable = policy.down_stable_steps as usize;
+        let rise = (0..=50).map(|t| f64::from(t) * 40.0);
+        let fall = (0..50).rev().map(|t| f64::from(t) * 40.0);
+        let advice = run(policy, rise.chain(fall).chain(std::iter::repeat_n(0.0, 20)));
+        let (rising, falling) = (&advice[30], &advice[80]);
+        let leads = |a: &ScalingAdvice| {
+            a.forecasts.connected_agents - f64::from(a.signals.connected_agents)
+        };
+        assert!(leads(rising) > 0.0, "rising load is forecast higher: {rising:?}");
+        assert!(leads(falling) < 0.0, "falling load is forecast lower: {falling:?}");
+        assert!(rising.desired.connected_agents > rising.signals.connected_agents / 250);
+
+        // Demand drops below the recommendation long before the recommendation follows.
+        let first_lower = advice.iter().position(|a| a.demand < a.recommended_replicas).unwrap();
+        let first_down = advice
+            .windows(2)
+            .position(|w| w[1].recommended_replicas < w[0].recommended_replicas)
+            .map(|i| i + 1)
+            .unwrap();
+        assert!(first_down >= first_lower + stable - 1, "{first_lower} {first_down}");
+        assert!(advice[first_lower..first_down].iter().all(|a| a.lower_steps > 0));
+    }
+
+    #[test]
     fn noisy_flat_load_settles_and_stays() {
         // ±5% around 1000 and 1500 agents crosses a 500-agent boundary at every step.
         for (level, crosses_boundary) in

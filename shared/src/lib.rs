@@ -13,18 +13,22 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admission;
 pub mod config;
 pub mod document;
 pub mod durability;
 pub mod elasticity;
+pub mod failover;
 pub mod frame;
 pub mod ids;
+pub mod jobs;
 pub mod message;
 pub mod node;
 pub mod ops;
 pub mod peer;
 pub mod placement;
 pub mod reconcile;
+pub mod replication;
 pub mod repo_wire;
 pub mod scope;
 pub mod store_task;

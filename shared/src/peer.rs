@@ -49,6 +49,9 @@ pub struct Peer {
     pub last_heard: Instant,
     /// When this side last pinged the peer.
     pub last_ping: Option<Instant>,
+    /// Documents whose committed changes the peer has not acknowledged, with the HLC time
+    /// (NTP64) of the oldest offer: its replication lag.
+    pub unacknowledged: BTreeMap<DocId, u64>,
 }
 
 impl Peer {
@@ -65,6 +68,7 @@ impl Peer {
             scope: CollectionScope::all(),
             last_heard: now,
             last_ping: None,
+            unacknowledged: BTreeMap::new(),
         }
     }
 

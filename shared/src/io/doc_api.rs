@@ -144,7 +144,8 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    /// An error with this status, stable code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self { status, code, message: message.into() }
     }
 
@@ -323,6 +324,7 @@ async fn create(
     let collection: Collection = collection
         .parse()
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_collection", format!("{e}")))?;
+    refuse_reserved(&collection)?;
     let Value::Object(fields) = body_json::<Value>(body)? else {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -500,6 +502,7 @@ async fn create_from_bytes(
 ) -> Result<impl IntoResponse, ApiError> {
     let collection: Collection =
         collection.parse().map_err(|e| ApiError::bad_request("bad_collection", format!("{e}")))?;
+    refuse_reserved(&collection)?;
     let bytes = raw_body(body)?;
     let doc_id = DocId::random(&mut rand::thread_rng());
     match node.request(Request::Import { doc_id, collection: Some(collection), bytes }).await? {
@@ -509,6 +512,22 @@ async fn create_from_bytes(
         )),
         other => Err(unexpected(&other)),
     }
+}
+
+/// System records (profiles, jobs, results) are written by the nodes themselves; apps
+/// create no documents in their reserved collections.
+fn refuse_reserved(collection: &Collection) -> Result<(), ApiError> {
+    if crate::jobs::is_reserved(collection) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "reserved_collection",
+            format!(
+                "collections starting with {} are reserved for system records",
+                crate::jobs::RESERVED_COLLECTION_PREFIX
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn unexpected(response: &node::Response) -> ApiError {
@@ -562,6 +581,7 @@ async fn status(State(state): State<ApiState>) -> Result<impl IntoResponse, ApiE
         "node": state.node.node_id().to_string(),
         "hub": {
             "connected": report.hub_connected,
+            "id": report.hub.map(|id| id.to_string()),
             "last_sync": report.last_hub_sync.map(|t| t.get_time().to_string_rfc3339_lossy()),
             "documents_pending": report.documents_pending_hub,
         },
@@ -573,6 +593,14 @@ async fn status(State(state): State<ApiState>) -> Result<impl IntoResponse, ApiE
             "documents": report.quarantined.iter()
                 .map(|(id, reason)| json!({ "id": id.to_string(), "reason": reason }))
                 .collect::<Vec<_>>(),
+        },
+        "replication": {
+            "peers": report.replication_lag.iter().map(|lag| json!({
+                "peer": lag.peer.to_string(),
+                "role": format!("{:?}", lag.role).to_lowercase(),
+                "lag_ms": u64::try_from(lag.lag.as_millis()).unwrap_or(u64::MAX),
+                "pending_documents": lag.pending_documents,
+            })).collect::<Vec<_>>(),
         },
         "clock": report.clock.get_time().to_string_rfc3339_lossy(),
         "store_bytes": store_bytes,
@@ -603,6 +631,8 @@ mod tests {
             spec["paths"].as_object().unwrap().keys().cloned().collect();
         let mut served = routes_in(include_str!("doc_api.rs"));
         served.extend(routes_in(include_str!("ops_http.rs")));
+        served.extend(routes_in(include_str!("jobs_api.rs")));
+        served.extend(routes_in(include_str!("scaling.rs")));
         served.insert(super::super::repo_ws::SYNC_PATH.to_owned());
         assert_eq!(documented, served);
     }

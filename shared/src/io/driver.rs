@@ -9,11 +9,12 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::ids::NodeId;
+use crate::message::Role;
 use crate::node::RequestError;
 use crate::node::{ConnId, Input, Node, NodeStats, Output, Request, RequestId, Response};
 use crate::store_task::StoreTask;
@@ -62,6 +63,12 @@ pub struct NodeStatus {
     pub ready_peers: usize,
     /// Commands waiting in the node's queue.
     pub queued_commands: usize,
+    /// Connections the hub's admission control turned away, told to come back later.
+    pub admission_refusals: u64,
+    /// Replication lag of the hub peer furthest behind (zero without hub peers).
+    pub lag_to_hubs: Duration,
+    /// Replication lag of the agent peer furthest behind (zero without agent peers).
+    pub lag_to_agents: Duration,
 }
 
 #[derive(Debug)]
@@ -77,6 +84,7 @@ enum Command {
 pub struct NodeHandle {
     commands: mpsc::Sender<Command>,
     next_conn: Arc<AtomicU64>,
+    admission_refusals: Arc<AtomicU64>,
     status: watch::Receiver<NodeStatus>,
     node_id: NodeId,
 }
@@ -127,7 +135,14 @@ impl NodeHandle {
 
     /// The latest status snapshot.
     pub fn status(&self) -> NodeStatus {
-        self.status.borrow().clone()
+        let mut status = self.status.borrow().clone();
+        status.admission_refusals = self.admission_refusals.load(Ordering::Relaxed);
+        status
+    }
+
+    /// Counts a connection turned away by admission control.
+    pub fn count_admission_refusal(&self) {
+        self.admission_refusals.fetch_add(1, Ordering::Relaxed);
     }
 
     /// True while the node loop runs.
@@ -154,6 +169,7 @@ pub fn spawn_node(
     let handle = NodeHandle {
         commands: commands.clone(),
         next_conn: Arc::new(AtomicU64::new(1)),
+        admission_refusals: Arc::new(AtomicU64::new(0)),
         status,
         node_id: node.node_id(),
     };
@@ -294,6 +310,11 @@ impl Driver {
         true
     }
 
+    fn max_lag(&self, role: Role) -> Duration {
+        let lags = self.node.replication_lag().into_iter().filter(|l| l.role == role);
+        lags.map(|l| l.lag).max().unwrap_or_default()
+    }
+
     fn publish_status(&self, queued_commands: usize) {
         let status = NodeStatus {
             stats: self.node.stats().clone(),
@@ -303,6 +324,10 @@ impl Driver {
             quarantined: self.node.quarantined().count(),
             ready_peers: self.node.ready_peers(),
             queued_commands,
+            // Filled in by `NodeHandle::status` from the acceptor's count.
+            admission_refusals: 0,
+            lag_to_hubs: self.max_lag(Role::Hub),
+            lag_to_agents: self.max_lag(Role::Agent),
         };
         self.status.send_replace(status);
     }

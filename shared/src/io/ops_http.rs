@@ -1,6 +1,6 @@
 //! Operations endpoints every node serves: `/healthz`, `/readyz` and Prometheus `/metrics`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
@@ -8,6 +8,7 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -32,14 +33,21 @@ pub struct Metrics {
     document_loads: Counter,
     document_evictions: Counter,
     frames_compressed: Counter,
+    admission_refusals: Counter,
     documents: Gauge,
     cached_documents: Gauge,
     cached_bytes: Gauge,
     quarantined_documents: Gauge,
+    lag_to_hubs_seconds: Gauge<f64, AtomicU64>,
+    lag_to_agents_seconds: Gauge<f64, AtomicU64>,
     ready_peers: Gauge,
     queued_commands: Gauge,
     commit_latency_seconds: Histogram,
     commit_batch_tasks: Histogram,
+    /// Hub load signals and replica advice (see `scaling`); zero where nothing feeds them.
+    pub scaling: super::scaling::ScalingGauges,
+    /// Hub-to-hub replication (see `backbone`); zero where there is no backbone.
+    pub backbone: super::backbone_metrics::BackboneMetrics,
     /// Counters are fed by differences between status snapshots.
     last_stats: Mutex<NodeStats>,
 }
@@ -59,15 +67,20 @@ impl Metrics {
             document_loads: Counter::default(),
             document_evictions: Counter::default(),
             frames_compressed: Counter::default(),
+            admission_refusals: Counter::default(),
             documents: Gauge::default(),
             cached_documents: Gauge::default(),
             cached_bytes: Gauge::default(),
             quarantined_documents: Gauge::default(),
+            lag_to_hubs_seconds: Gauge::default(),
+            lag_to_agents_seconds: Gauge::default(),
             ready_peers: Gauge::default(),
             queued_commands: Gauge::default(),
             commit_latency_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             commit_batch_tasks: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
             last_stats: Mutex::new(NodeStats::default()),
+            scaling: super::scaling::ScalingGauges::default(),
+            backbone: super::backbone_metrics::BackboneMetrics::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -117,6 +130,21 @@ impl Metrics {
             metrics.frames_compressed.clone(),
         );
         registry.register(
+            "replication_lag_to_hubs_seconds",
+            "Age by HLC of the oldest committed change a connected hub has not acknowledged",
+            metrics.lag_to_hubs_seconds.clone(),
+        );
+        registry.register(
+            "replication_lag_to_agents_seconds",
+            "Age by HLC of the oldest committed change a connected agent has not acknowledged",
+            metrics.lag_to_agents_seconds.clone(),
+        );
+        registry.register(
+            "admission_refusals",
+            "Agent connections turned away by admission control and told when to come back",
+            metrics.admission_refusals.clone(),
+        );
+        registry.register(
             "documents",
             "Committed documents, in memory or not",
             metrics.documents.clone(),
@@ -156,6 +184,8 @@ impl Metrics {
             "Store tasks folded into one commit",
             metrics.commit_batch_tasks.clone(),
         );
+        metrics.scaling.register(&mut registry);
+        metrics.backbone.register(&mut registry);
         Self { registry, ..metrics }
     }
 
@@ -163,6 +193,7 @@ impl Metrics {
     pub fn observe_commit(&self, report: CommitReport) {
         self.commit_latency_seconds.observe(report.latency.as_secs_f64());
         self.commit_batch_tasks.observe(report.tasks as f64);
+        self.scaling.observe_commit(report.latency);
     }
 
     fn refresh(&self, node: &NodeHandle) {
@@ -187,6 +218,9 @@ impl Metrics {
             counter.inc_by(now.saturating_sub(before));
         }
         *last = status.stats.clone();
+        // Counted outside the core; the lock above keeps concurrent scrapes from counting twice.
+        let refused = status.admission_refusals.saturating_sub(self.admission_refusals.get());
+        self.admission_refusals.inc_by(refused);
         for (gauge, value) in [
             (&self.documents, status.documents),
             (&self.cached_documents, status.cached_documents),
@@ -196,6 +230,8 @@ impl Metrics {
             gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
         }
         self.ready_peers.set(i64::try_from(status.ready_peers).unwrap_or(i64::MAX));
+        self.lag_to_hubs_seconds.set(status.lag_to_hubs.as_secs_f64());
+        self.lag_to_agents_seconds.set(status.lag_to_agents.as_secs_f64());
         self.queued_commands.set(i64::try_from(status.queued_commands).unwrap_or(i64::MAX));
     }
 

@@ -5,11 +5,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng;
 use tokio::sync::{mpsc, Semaphore};
 
 use super::driver::{NodeHandle, WriterMessage, CONNECTION_QUEUE_CAPACITY};
+use super::profile::LinkMonitor;
 use super::tls::{peer_node_id, Identity, TlsError};
+use crate::admission::Admission;
+use crate::failover::{FailoverTiming, HubSelector};
+
+/// Application close code of a connection the hub refused for now; the reason says when to
+/// come back, as `retry after <ms> ms`.
+pub const CLOSE_RETRY_LATER: u32 = 2;
 
 /// Largest read from a stream at once.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -28,6 +34,15 @@ pub struct LinkTiming {
     pub backoff_initial_ms: u64,
     /// Largest reconnect delay, in milliseconds.
     pub backoff_max_ms: u64,
+    /// How long a hub that failed is first skipped (its circuit breaker open), in
+    /// milliseconds; doubles with each consecutive failure of that hub.
+    pub breaker_open_ms: u64,
+    /// Longest a hub is skipped after failures, in milliseconds.
+    pub breaker_open_max_ms: u64,
+    /// A link up this long counts as healthy and resets backoff, in milliseconds.
+    pub stable_after_ms: u64,
+    /// While on a less preferred hub, how often to try the preferred ones, in milliseconds.
+    pub probe_preferred_ms: u64,
 }
 
 impl Default for LinkTiming {
@@ -37,11 +52,28 @@ impl Default for LinkTiming {
             idle_timeout_ms: 8_000,
             backoff_initial_ms: 200,
             backoff_max_ms: 10_000,
+            breaker_open_ms: 2_000,
+            breaker_open_max_ms: 60_000,
+            stable_after_ms: 10_000,
+            probe_preferred_ms: 5_000,
         }
     }
 }
 
 impl LinkTiming {
+    /// The hub-selection timing these settings describe.
+    pub fn failover(&self) -> FailoverTiming {
+        let ms = Duration::from_millis;
+        FailoverTiming {
+            backoff_initial: ms(self.backoff_initial_ms.max(1)),
+            backoff_max: ms(self.backoff_max_ms.max(self.backoff_initial_ms).max(1)),
+            breaker_open: ms(self.breaker_open_ms),
+            breaker_open_max: ms(self.breaker_open_max_ms.max(self.breaker_open_ms)),
+            stable_after: ms(self.stable_after_ms),
+            probe_preferred_every: ms(self.probe_preferred_ms.max(100)),
+        }
+    }
+
     /// QUIC transport settings carrying the heartbeat and idle timeout.
     pub fn transport(&self) -> Arc<quinn::TransportConfig> {
         let mut transport = quinn::TransportConfig::default();
@@ -171,25 +203,32 @@ async fn write_frames(
     connection.close(1u32.into(), reason.as_bytes());
 }
 
-/// How many connections a hub holds, and how long a new one may stay silent.
+/// How many connections a hub holds, how fast it admits new ones, and how long a new one
+/// may stay silent.
 #[derive(Debug, Clone, Copy)]
 pub struct AcceptLimits {
     /// Most connections at once; more are refused and retry with backoff.
     pub max_connections: usize,
     /// How long a new connection may take to open its stream (the hello timeout).
     pub stream_timeout: Duration,
+    /// New connections admitted per second on average (0: no limit); agents beyond it are
+    /// told when to come back, so a restart does not turn into a reconnect storm.
+    pub admission_rate_per_s: u32,
+    /// New connections admitted at once before the rate applies.
+    pub admission_burst: u32,
 }
 
-/// Accepts agents until `shutdown` resolves; at most `max_connections` at once.
+/// Accepts agents until `shutdown` resolves; at most `max_connections` at once, admitted at
+/// a bounded rate.
 pub async fn accept_loop(
     endpoint: quinn::Endpoint,
     node: NodeHandle,
     limits: AcceptLimits,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let AcceptLimits { max_connections, stream_timeout } = limits;
-    let side = Side::Acceptor { stream_timeout };
-    let permits = Arc::new(Semaphore::new(max_connections));
+    let side = Side::Acceptor { stream_timeout: limits.stream_timeout };
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let mut admission = Admission::new(limits.admission_rate_per_s, limits.admission_burst);
     tokio::pin!(shutdown);
     loop {
         let incoming = tokio::select! {
@@ -201,6 +240,19 @@ pub async fn accept_loop(
             incoming.refuse();
             continue;
         };
+        if let Err(retry_after) = admission.try_admit(std::time::Instant::now()) {
+            node.count_admission_refusal();
+            // Completing the handshake is what lets the agent hear when to come back; the
+            // connection is closed before it reaches the node.
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Ok(connection) = incoming.await {
+                    let reason = format!("retry after {} ms", retry_after.as_millis());
+                    connection.close(CLOSE_RETRY_LATER.into(), reason.as_bytes());
+                }
+            });
+            continue;
+        }
         let node = node.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -216,10 +268,22 @@ pub async fn accept_loop(
     endpoint.close(0u32.into(), b"hub shutting down");
 }
 
-/// Keeps an agent connected to its hub: dial, pump until the link dies, back off, repeat.
-///
-/// Backoff doubles from `backoff_initial_ms` to `backoff_max_ms` with full jitter, so many agents
-/// losing the same hub do not return in step. A link that stayed up resets the backoff.
+/// One hub an agent may dial.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubAddress {
+    /// Its QUIC address.
+    pub addr: SocketAddr,
+    /// The name its certificate must carry.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+}
+
+fn default_server_name() -> String {
+    "localhost".into()
+}
+
+/// Keeps an agent connected to one hub: [`dial_hubs`] with a list of one.
 pub async fn dial_loop(
     endpoint: quinn::Endpoint,
     hub: SocketAddr,
@@ -227,28 +291,123 @@ pub async fn dial_loop(
     node: NodeHandle,
     timing: LinkTiming,
 ) {
-    let initial = Duration::from_millis(timing.backoff_initial_ms.max(1));
-    let max = Duration::from_millis(timing.backoff_max_ms.max(timing.backoff_initial_ms).max(1));
-    let mut backoff = initial;
+    let hubs = vec![HubAddress { addr: hub, server_name }];
+    dial_hubs(endpoint, hubs, node, timing, LinkMonitor::new()).await;
+}
+
+/// Keeps an agent connected to one of its hubs, the most preferred that is healthy: dial,
+/// pump until the link dies (or a more preferred hub answers again), choose the next hub,
+/// back off, repeat. Which hub and when is [`HubSelector`]'s call: a circuit breaker per hub,
+/// exponential backoff with full jitter, and the hub's own word when it refuses the agent for
+/// now. While connected, the hub link's RTT and bandwidth estimates go to `link` every
+/// [`LINK_SAMPLE_INTERVAL`] (for the capability profile).
+pub async fn dial_hubs(
+    endpoint: quinn::Endpoint,
+    hubs: Vec<HubAddress>,
+    node: NodeHandle,
+    timing: LinkTiming,
+    link: LinkMonitor,
+) {
+    if hubs.is_empty() {
+        tracing::warn!("no hub configured; this agent stays offline");
+        return;
+    }
+    let mut selector = HubSelector::new(hubs.len(), timing.failover());
+    let handshake_timeout = Duration::from_millis(timing.idle_timeout_ms.max(1));
+    // A connection to a more preferred hub, opened while on another, is used next.
+    let mut ready: Option<(usize, quinn::Connection)> = None;
     while node.is_running() {
-        let started = tokio::time::Instant::now();
-        match endpoint.connect(hub, &server_name) {
-            Ok(connecting) => match connecting.await {
-                Ok(connection) => {
-                    if let Err(error) = run_connection(node.clone(), connection, Side::Dialer).await
-                    {
-                        tracing::warn!(%error, "hub connection ended");
+        let (index, connection) = match ready.take() {
+            Some(ready) => ready,
+            None => {
+                let backoff = selector.backoff(&mut rand::thread_rng());
+                let dial = selector.next(std::time::Instant::now(), backoff);
+                tokio::time::sleep_until(dial.at.into()).await;
+                match connect(&endpoint, &hubs[dial.hub], handshake_timeout).await {
+                    Ok(connection) => (dial.hub, connection),
+                    Err(error) => {
+                        tracing::debug!(%error, hub = %hubs[dial.hub].addr, "hub unreachable");
+                        selector.on_failed(dial.hub, std::time::Instant::now());
+                        continue;
                     }
                 }
-                Err(error) => tracing::debug!(%error, %hub, "hub unreachable"),
-            },
-            Err(error) => tracing::warn!(%error, %hub, "cannot dial hub"),
+            }
+        };
+        let hub = &hubs[index];
+        let started = std::time::Instant::now();
+        let sampler = tokio::spawn(sample_link(connection.clone(), link.clone()));
+        let pump = run_connection(node.clone(), connection.clone(), Side::Dialer);
+        tokio::pin!(pump);
+        let mut probe = tokio::time::interval(selector.probe_every());
+        probe.tick().await;
+        let result = loop {
+            tokio::select! {
+                result = &mut pump => break result,
+                _ = probe.tick(), if index > 0 && ready.is_none() => {
+                    let now = std::time::Instant::now();
+                    let Some(preferred) = selector.preferred_over(index, now) else { continue };
+                    match connect(&endpoint, &hubs[preferred], handshake_timeout).await {
+                        Ok(better) => {
+                            tracing::info!(from = %hub.addr, to = %hubs[preferred].addr,
+                                "returning to a preferred hub");
+                            connection.close(0u32.into(), b"moving to a preferred hub");
+                            ready = Some((preferred, better));
+                        }
+                        Err(_) => selector.on_failed(preferred, now),
+                    }
+                }
+            }
+        };
+        sampler.abort();
+        if let Err(error) = result {
+            tracing::warn!(%error, hub = %hub.addr, "hub connection ended");
         }
-        if started.elapsed() > max {
-            backoff = initial;
+        let now = std::time::Instant::now();
+        match retry_after(&connection) {
+            Some(wait) => {
+                tracing::info!(hub = %hub.addr, wait_ms = wait.as_millis() as u64,
+                    "hub asked this agent to come back later");
+                selector.on_refused(index, wait, now);
+            }
+            None if ready.is_some() => selector.on_connected(index),
+            None => selector.on_lost(index, started.elapsed(), now),
         }
-        let jittered = rand::thread_rng().gen_range(Duration::ZERO..=backoff);
-        tokio::time::sleep(jittered).await;
-        backoff = (backoff * 2).min(max);
+    }
+}
+
+/// Dials one hub, giving up after `timeout`.
+async fn connect(
+    endpoint: &quinn::Endpoint,
+    hub: &HubAddress,
+    timeout: Duration,
+) -> Result<quinn::Connection, TransportError> {
+    let connecting = endpoint.connect(hub.addr, &hub.server_name)?;
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(connection) => Ok(connection?),
+        Err(_) => Err(TransportError::Connection(quinn::ConnectionError::TimedOut)),
+    }
+}
+
+/// How long the hub asked this agent to stay away, if it closed the connection for that.
+fn retry_after(connection: &quinn::Connection) -> Option<Duration> {
+    let Some(quinn::ConnectionError::ApplicationClosed(close)) = connection.close_reason() else {
+        return None;
+    };
+    if close.error_code != CLOSE_RETRY_LATER.into() {
+        return None;
+    }
+    let reason = std::str::from_utf8(&close.reason).ok()?;
+    let ms: u64 = reason.strip_prefix("retry after ")?.strip_suffix(" ms")?.parse().ok()?;
+    Some(Duration::from_millis(ms.min(600_000)))
+}
+
+/// How often a connected agent records its hub link's QUIC estimates.
+pub const LINK_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+
+async fn sample_link(connection: quinn::Connection, link: LinkMonitor) {
+    let mut interval = tokio::time::interval(LINK_SAMPLE_INTERVAL);
+    loop {
+        interval.tick().await;
+        link.sample(&connection);
     }
 }

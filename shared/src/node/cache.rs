@@ -127,6 +127,7 @@ impl Node {
             let result = Err(RequestError::Quarantined { doc_id, reason: reason.clone() });
             self.outputs.push_back(Output::Respond { id, result });
         }
+        self.forget_unacknowledged(&doc_id);
         self.stats.documents_quarantined += 1;
         self.quarantined.insert(doc_id, reason);
     }

@@ -31,11 +31,13 @@ use crate::store_task::{IndexEntry, StoreReply, StoreTask, StoredDoc};
 mod cache;
 mod catalog;
 mod heartbeat;
+mod lag;
 mod peering;
 mod reconciling;
 mod requests;
 mod types;
 
+pub use lag::PeerLag;
 pub use types::{
     ConnId, DurabilityReport, Input, NodeStats, Output, Request, RequestError, RequestId, Response,
     StatusReport, TaskId,
@@ -281,6 +283,11 @@ impl Node {
     /// True while a hub is connected.
     pub fn hub_connected(&self) -> bool {
         self.peers.values().any(|p| p.phase == PeerPhase::Ready(Role::Hub))
+    }
+
+    /// The hub connected now, if any (the first, should there be several).
+    pub fn connected_hub(&self) -> Option<NodeId> {
+        self.peers.values().find(|p| p.phase == PeerPhase::Ready(Role::Hub)).map(|p| p.node_id)
     }
 
     /// Documents whose current heads no hub has acknowledged yet.

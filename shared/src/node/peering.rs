@@ -300,6 +300,13 @@ impl Node {
         let hub_heads = (peer.phase == PeerPhase::Ready(Role::Hub))
             .then(|| state.their_heads.clone())
             .flatten();
+        let holds_ours = state.their_heads.as_ref().is_some_and(|theirs| {
+            let ours = document.doc.get_heads();
+            !ours.is_empty() && ours.iter().all(|h| theirs.contains(h))
+        });
+        if holds_ours {
+            peer.unacknowledged.remove(&doc_id);
+        }
         let changed = document.doc.get_heads() != before;
         // A message may carry a whole document as one entry, so changes are counted once
         // applied, before anything is stored: a quarantined merge leaves the store as it was.
@@ -360,6 +367,10 @@ impl Node {
     /// while they were still uncommitted makes Automerge record them as sent, and without a
     /// new message the peer would never learn they are now durable.
     pub(super) fn flush_announced(&mut self) {
+        if self.announced.is_empty() {
+            return;
+        }
+        let offered_at = self.hlc.new_timestamp().get_time().as_u64();
         for doc_id in std::mem::take(&mut self.announced) {
             let Some(document) = self.documents.get(&doc_id) else { continue };
             let heads = document.doc.get_heads();
@@ -377,6 +388,7 @@ impl Node {
                         state.last_sent_heads.clear();
                     }
                 }
+                self.note_unacknowledged(conn, doc_id, offered_at);
                 self.sync_with(conn, doc_id);
             }
         }

@@ -30,6 +30,7 @@ impl Node {
         let result = match request {
             Request::Status => Some(Ok(Response::Status(StatusReport {
                 hub_connected: self.hub_connected(),
+                hub: self.connected_hub(),
                 documents: self.catalog.len(),
                 documents_pending_hub: self.documents_pending_hub(),
                 last_hub_sync: self.last_hub_sync(),
@@ -42,6 +43,12 @@ impl Node {
                     .take(StatusReport::QUARANTINE_LISTED)
                     .map(|(id, reason)| (*id, reason.clone()))
                     .collect(),
+                replication_lag: {
+                    let mut lag = self.replication_lag();
+                    lag.sort_by(|a, b| b.lag.cmp(&a.lag).then(a.peer.cmp(&b.peer)));
+                    lag.truncate(StatusReport::LAG_LISTED);
+                    lag
+                },
             }))),
             Request::Exists { doc_id } => Some(self.exists(doc_id)),
             Request::AwaitHub { doc_id, heads, deadline } => {

@@ -173,6 +173,8 @@ pub enum Response {
 pub struct StatusReport {
     /// A hub is connected now.
     pub hub_connected: bool,
+    /// The hub connected now, if any.
+    pub hub: Option<NodeId>,
     /// Documents held.
     pub documents: usize,
     /// Documents whose current heads no hub has acknowledged yet.
@@ -188,11 +190,16 @@ pub struct StatusReport {
     /// The first quarantined documents by id (at most [`StatusReport::QUARANTINE_LISTED`]),
     /// with the reason each is held back.
     pub quarantined: Vec<(DocId, String)>,
+    /// Replication lag of the node peers furthest behind (at most
+    /// [`StatusReport::LAG_LISTED`]), most behind first.
+    pub replication_lag: Vec<super::PeerLag>,
 }
 
 impl StatusReport {
     /// Most quarantined documents a status report lists.
     pub const QUARANTINE_LISTED: usize = 100;
+    /// Most peers a status report lists with their replication lag.
+    pub const LAG_LISTED: usize = 100;
 }
 
 /// How durable a set of heads is, in answer to [`Request::AwaitHub`].

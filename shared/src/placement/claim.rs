@@ -15,6 +15,7 @@ pub struct Claim {
     /// The job claimed.
     pub job_id: String,
     /// The node that claimed it.
+    #[serde(with = "super::text_id")]
     pub node_id: NodeId,
     /// When, as an HLC time (NTP64).
     pub claimed_at: u64,

@@ -22,6 +22,7 @@ pub const MAX_SENSITIVITY: f64 = 1e6;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobInput {
     /// The document.
+    #[serde(with = "super::text_id")]
     pub doc_id: DocId,
     /// Its size, in bytes: what moves if the chosen node lacks it.
     pub size_bytes: u64,

@@ -29,6 +29,7 @@ mod claim;
 mod job;
 mod policy;
 mod profile;
+pub mod text_id;
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
@@ -97,6 +98,7 @@ pub enum Ineligible {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScoreRow {
     /// The candidate.
+    #[serde(with = "text_id")]
     pub node_id: NodeId,
     /// Whether it could take the job.
     pub eligible: bool,
@@ -124,6 +126,7 @@ pub struct Placement {
     /// The HLC time (NTP64) the decision was made at.
     pub decided_at: u64,
     /// The node chosen, or none when no candidate is eligible.
+    #[serde(with = "text_id::option")]
     pub chosen: Option<NodeId>,
     /// Every candidate, eligible ones first, then by total and tie hash.
     pub table: Vec<ScoreRow>,
@@ -167,8 +170,10 @@ pub fn place(
 
 /// Places a job again at a later `now`, for a job that has not started. Returns the new
 /// placement only if the previous choice can no longer take the job (its profile went
-/// stale, it is overloaded, or it is gone); a node that merely became costlier keeps the
-/// job, so placements do not churn.
+/// stale, is invalid, fails the constraints, or it is gone). A node that merely became
+/// costlier keeps the job, so placements do not churn; so does an overloaded one, whose
+/// queue the job joins: overload sheds new placements, and moving jobs already placed would
+/// let the overloaded node and the next one both claim them.
 pub fn replace_stale(
     previous: &Placement,
     job: &JobSpec,
@@ -178,9 +183,10 @@ pub fn replace_stale(
     policy: &PlacementPolicy,
 ) -> Result<Option<Placement>, PlacementError> {
     let fresh = place(job, candidates, replicas, now, policy)?;
+    let can_take = |row: &ScoreRow| row.eligible || row.reason == Some(Ineligible::Overloaded);
     let still_eligible = previous
         .chosen
-        .is_some_and(|node| fresh.table.iter().any(|row| row.node_id == node && row.eligible));
+        .is_some_and(|node| fresh.table.iter().any(|row| row.node_id == node && can_take(row)));
     Ok((!still_eligible && fresh.chosen != previous.chosen).then_some(fresh))
 }
 

@@ -66,6 +66,7 @@ pub struct Load {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CapabilityProfile {
     /// The node this profile describes.
+    #[serde(with = "super::text_id")]
     pub node_id: NodeId,
     /// Agent or hub.
     pub role: NodeRole,

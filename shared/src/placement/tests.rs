@@ -170,6 +170,25 @@ fn stale_profile_loses_its_job_to_the_next_best() {
 }
 
 #[test]
+fn an_overloaded_choice_keeps_its_placed_jobs_but_a_vanished_one_loses_them() {
+    let policy = PlacementPolicy::default();
+    let spec = job("queued", 10_000.0, &[]);
+    let nodes = [agent(1, 400.0), agent(2, 200.0)];
+    let first = place(&spec, &nodes, &ReplicaMap::new(), NOW, &policy).unwrap();
+    assert_eq!(first.chosen, Some(node(1)));
+
+    let busy =
+        [with(agent(1, 400.0), |p| p.load.queued_jobs = policy.shed_queue_len), agent(2, 200.0)];
+    let kept = replace_stale(&first, &spec, &busy, &ReplicaMap::new(), NOW, &policy).unwrap();
+    assert_eq!(kept, None, "the job waits in the overloaded node's queue");
+    let fresh = place(&spec, &busy, &ReplicaMap::new(), NOW, &policy).unwrap();
+    assert_eq!(fresh.chosen, Some(node(2)), "a new job goes elsewhere");
+
+    let gone = replace_stale(&first, &spec, &nodes[1..], &ReplicaMap::new(), NOW, &policy).unwrap();
+    assert_eq!(gone.and_then(|p| p.chosen), Some(node(2)), "a vanished node loses its job");
+}
+
+#[test]
 fn overloaded_node_sheds_and_load_raises_its_own_cost() {
     let policy = PlacementPolicy::default();
     let spec = job("busy", 1_000.0, &[]);
