@@ -84,7 +84,7 @@ fn sent_messages(outputs: &[Output]) -> Vec<Message> {
 }
 
 fn connect(node: &mut Node, now: Instant) -> Vec<Output> {
-    node.handle_input(now, Input::Connected { conn: CONN, peer: PEER });
+    node.handle_input(now, Input::Connected { conn: CONN, peer: PEER, restrict: None });
     node.handle_input(
         now,
         Input::Received {
@@ -146,7 +146,7 @@ fn both_sides_say_hello_then_the_smaller_id_starts_reconciling() {
 #[test]
 fn a_hello_that_contradicts_the_certificate_is_refused() {
     let mut node = node();
-    node.handle_input(Instant::now(), Input::Connected { conn: CONN, peer: PEER });
+    node.handle_input(Instant::now(), Input::Connected { conn: CONN, peer: PEER, restrict: None });
     let liar = Message::Hello {
         node_id: NodeId::from_bytes([9; 16]),
         role: Role::Agent,
@@ -166,7 +166,7 @@ fn a_hello_that_contradicts_the_certificate_is_refused() {
 #[test]
 fn anything_before_hello_is_refused() {
     let mut node = node();
-    node.handle_input(Instant::now(), Input::Connected { conn: CONN, peer: PEER });
+    node.handle_input(Instant::now(), Input::Connected { conn: CONN, peer: PEER, restrict: None });
     let early = frame(Message::Inventory { entries: vec![] }, fixed_clock());
     node.handle_input(Instant::now(), Input::Received { conn: CONN, bytes: early });
     assert!(closed(&drain(&mut node)).unwrap().contains("expected hello"));
@@ -175,7 +175,7 @@ fn anything_before_hello_is_refused() {
 #[test]
 fn an_unknown_protocol_version_gets_a_refusal_naming_ours() {
     let mut node = node();
-    node.handle_input(Instant::now(), Input::Connected { conn: CONN, peer: PEER });
+    node.handle_input(Instant::now(), Input::Connected { conn: CONN, peer: PEER, restrict: None });
     drain(&mut node);
     let future = encode_frame(&[PROTOCOL_VERSION + 1, 1, 2, 3], 1024).unwrap();
     node.handle_input(Instant::now(), Input::Received { conn: CONN, bytes: future });
@@ -303,7 +303,7 @@ fn a_node_says_nothing_about_a_document_until_received_changes_are_committed() {
 fn a_peer_that_never_says_hello_is_closed_after_the_hello_timeout() {
     let mut node = node();
     let now = Instant::now();
-    node.handle_input(now, Input::Connected { conn: CONN, peer: PEER });
+    node.handle_input(now, Input::Connected { conn: CONN, peer: PEER, restrict: None });
     drain(&mut node);
     let deadline = now + Duration::from_millis(SyncConfig::hub().hello_timeout_ms);
     assert_eq!(node.poll_timeout(), Some(deadline));
@@ -486,7 +486,8 @@ impl Pair {
         let now = Instant::now();
         for side in 0..2 {
             let peer = self.nodes[1 - side].node_id();
-            self.nodes[side].handle_input(now, Input::Connected { conn: CONN, peer });
+            self.nodes[side]
+                .handle_input(now, Input::Connected { conn: CONN, peer, restrict: None });
         }
         self.run(now);
     }
@@ -743,6 +744,29 @@ fn a_reconnect_resumes_sync_from_the_state_saved_when_the_peer_left() {
         resumed_bytes * 2 < fresh_bytes,
         "resumed sync took {resumed_bytes} bytes, a fresh one {fresh_bytes}"
     );
+}
+
+#[test]
+fn a_connection_restricted_to_some_collections_syncs_only_those() {
+    let doc = |collection: &str, n| stored_doc_in(collection, n, &["v"]);
+    let hub_docs = vec![doc("lan", 1), doc("other", 2)];
+    let agent_docs = vec![doc("lan", 3), doc("other", 4)];
+    let mut pair = Pair::new([hub_docs.clone(), agent_docs.clone()]);
+    // Only one side restricts the connection, as a LAN neighbour's carrier would.
+    let now = Instant::now();
+    let lan = CollectionScope::only(["lan".parse().unwrap()]);
+    let peer = pair.nodes[1].node_id();
+    pair.nodes[0].handle_input(now, Input::Connected { conn: CONN, peer, restrict: Some(lan) });
+    let peer = pair.nodes[0].node_id();
+    pair.nodes[1].handle_input(now, Input::Connected { conn: CONN, peer, restrict: None });
+    pair.run(now);
+    let has = |side: usize| -> BTreeSet<DocId> { pair.heads(side).into_keys().collect() };
+    let expected_hub: BTreeSet<DocId> =
+        [hub_docs[0].doc_id, hub_docs[1].doc_id, agent_docs[0].doc_id].into();
+    let expected_agent: BTreeSet<DocId> =
+        [agent_docs[0].doc_id, agent_docs[1].doc_id, hub_docs[0].doc_id].into();
+    assert_eq!(has(0), expected_hub);
+    assert_eq!(has(1), expected_agent);
 }
 
 #[test]

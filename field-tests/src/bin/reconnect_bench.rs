@@ -150,7 +150,7 @@ fn reconnect(nodes: &mut [Node; 2]) -> anyhow::Result<CairnResult> {
     let started = Instant::now();
     for side in 0..2 {
         let peer = nodes[1 - side].node_id();
-        nodes[side].handle_input(now, Input::Connected { conn: CONN, peer });
+        nodes[side].handle_input(now, Input::Connected { conn: CONN, peer, restrict: None });
     }
     // Decoding for the counts happens after the clock stops; the link keeps a transcript.
     let mut transcript: Vec<(usize, Vec<u8>)> = Vec::new();

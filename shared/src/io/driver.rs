@@ -17,6 +17,7 @@ use crate::ids::NodeId;
 use crate::message::Role;
 use crate::node::RequestError;
 use crate::node::{ConnId, Input, Node, NodeStats, Output, Request, RequestId, Response};
+use crate::scope::CollectionScope;
 use crate::store_task::StoreTask;
 
 /// Commands waiting for the node loop. Full means the node is saturated: callers wait.
@@ -74,8 +75,16 @@ pub struct NodeStatus {
 #[derive(Debug)]
 enum Command {
     Input(Input),
-    Request { request: Request, reply: oneshot::Sender<Result<Response, RequestError>> },
-    Attach { conn: ConnId, peer: NodeId, writer: mpsc::Sender<WriterMessage> },
+    Request {
+        request: Request,
+        reply: oneshot::Sender<Result<Response, RequestError>>,
+    },
+    Attach {
+        conn: ConnId,
+        peer: NodeId,
+        restrict: Option<CollectionScope>,
+        writer: mpsc::Sender<WriterMessage>,
+    },
     Shutdown,
 }
 
@@ -111,9 +120,20 @@ impl NodeHandle {
         peer: NodeId,
         writer: mpsc::Sender<WriterMessage>,
     ) -> Result<ConnId, DriverError> {
+        self.attach_scoped(peer, None, writer).await
+    }
+
+    /// Like [`Self::attach`], with the connection limited to the collections of `restrict`
+    /// (beyond the node's own scope), as for a LAN neighbour.
+    pub async fn attach_scoped(
+        &self,
+        peer: NodeId,
+        restrict: Option<CollectionScope>,
+        writer: mpsc::Sender<WriterMessage>,
+    ) -> Result<ConnId, DriverError> {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         self.commands
-            .send(Command::Attach { conn, peer, writer })
+            .send(Command::Attach { conn, peer, restrict, writer })
             .await
             .map_err(|_| DriverError::Stopped)?;
         Ok(conn)
@@ -264,9 +284,9 @@ impl Driver {
                 self.requests.insert(id, reply);
                 self.node.handle_input(now, Input::Request { id, request });
             }
-            Command::Attach { conn, peer, writer } => {
+            Command::Attach { conn, peer, restrict, writer } => {
                 self.writers.insert(conn, writer);
-                self.node.handle_input(now, Input::Connected { conn, peer });
+                self.node.handle_input(now, Input::Connected { conn, peer, restrict });
             }
             Command::Shutdown => return false,
         }

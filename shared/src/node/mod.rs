@@ -213,7 +213,9 @@ impl Node {
         self.evict_over_budget();
         self.next_anti_entropy.get_or_insert(now + self.config.anti_entropy_interval());
         match input {
-            Input::Connected { conn, peer } => self.on_connected(now, conn, peer),
+            Input::Connected { conn, peer, restrict } => {
+                self.on_connected(now, conn, peer, restrict)
+            }
             Input::Received { conn, bytes } => self.on_received(now, conn, &bytes),
             Input::Disconnected { conn } => self.on_disconnected(conn),
             Input::Request { id, request } => self.on_request(now, id, request),

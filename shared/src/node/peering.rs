@@ -15,6 +15,7 @@ use crate::message::{
     DocSyncPart, Envelope, InventoryEntry, Message, Role, MAX_BATCH_PARTS, PROTOCOL_VERSION,
 };
 use crate::peer::{Peer, PeerPhase};
+use crate::scope::CollectionScope;
 use crate::store_task::StoreTask;
 
 /// Upper bound on a batch frame's sync messages, in bytes.
@@ -30,11 +31,22 @@ pub(super) struct SyncBatch {
 }
 
 impl Node {
-    pub(super) fn on_connected(&mut self, now: Instant, conn: ConnId, peer: NodeId) {
+    pub(super) fn on_connected(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        peer: NodeId,
+        restrict: Option<CollectionScope>,
+    ) {
         let mut state = Peer::new(peer, self.config.max_frame_bytes, now);
         state.hello_deadline = Some(now + Duration::from_millis(self.config.hello_timeout_ms));
+        // What this side replicates over this connection; the peer's hello narrows it further.
+        let scope = match restrict {
+            Some(restrict) => self.config.collections.intersect(&restrict),
+            None => self.config.collections.clone(),
+        };
+        state.scope = scope.clone();
         self.peers.insert(conn, state);
-        let scope = self.config.collections.clone();
         self.send(conn, Message::Hello { node_id: self.node_id, role: self.role, scope });
     }
 
@@ -126,7 +138,7 @@ impl Node {
                     );
                 }
                 peer.phase = PeerPhase::Ready(role);
-                peer.scope = self.config.collections.intersect(&scope);
+                peer.scope = peer.scope.intersect(&scope);
                 self.start_reconciliation(conn);
             }
             (_, Message::Refuse { reason, .. }) => {

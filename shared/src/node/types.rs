@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use crate::ids::{Collection, DocId, NodeId};
 use crate::ops::{Op, OpError};
+use crate::scope::CollectionScope;
 use crate::store_task::{StoreReply, StoreTask};
 
 /// Names one transport connection, chosen by the driver.
@@ -22,6 +23,9 @@ pub enum Input {
         conn: ConnId,
         /// The authenticated peer.
         peer: NodeId,
+        /// Collections this connection alone is limited to, beyond the node's own scope: a
+        /// LAN neighbour shares only the collections marked for the LAN. `None` for none.
+        restrict: Option<CollectionScope>,
     },
     /// Bytes arrived on a connection.
     Received {

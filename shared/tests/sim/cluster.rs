@@ -492,7 +492,7 @@ impl Cluster {
     pub fn attach_probe(&mut self, index: usize, peer: NodeId) -> ConnId {
         let conn = ConnId::MAX - self.probes.len() as ConnId;
         self.probes.insert((index, conn), Probe::default());
-        self.drive(index, Input::Connected { conn, peer });
+        self.drive(index, Input::Connected { conn, peer, restrict: None });
         conn
     }
 

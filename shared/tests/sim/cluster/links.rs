@@ -54,7 +54,7 @@ impl Cluster {
             connects.reverse();
         }
         for (node, conn, peer) in connects {
-            self.drive(node, Input::Connected { conn, peer });
+            self.drive(node, Input::Connected { conn, peer, restrict: None });
         }
     }
 
