@@ -770,6 +770,39 @@ fn a_connection_restricted_to_some_collections_syncs_only_those() {
 }
 
 #[test]
+fn a_peer_lags_by_the_documents_it_has_not_acknowledged_until_it_does() {
+    let doc = stored_doc(1, &["v"]);
+    let mut pair = Pair::new([vec![doc.clone()], vec![doc.clone()]]);
+    pair.connect();
+    let pending = |pair: &Pair, side: usize| -> Vec<usize> {
+        pair.nodes[side].replication_lag().iter().map(|l| l.pending_documents).collect()
+    };
+    assert_eq!(pending(&pair, 0), vec![0], "equal documents leave nothing to acknowledge");
+    // A local write, committed and offered, but the offer not yet delivered.
+    let now = Instant::now();
+    let ops = serde_json::from_value(json!([{"op": "set", "path": ["k"], "value": "w"}])).unwrap();
+    let edit = Request::Edit { doc_id: doc.doc_id, ops };
+    pair.nodes[0].handle_input(now, Input::Request { id: 1, request: edit });
+    let mut held = Vec::new();
+    while let Some(output) = pair.nodes[0].poll_output() {
+        match output {
+            Output::Transmit { .. } => held.push(output),
+            other => pair.carry(now, 0, other),
+        }
+    }
+    assert!(!held.is_empty(), "the write is offered to the peer");
+    let lag = pair.nodes[0].replication_lag();
+    assert_eq!((lag.len(), lag[0].pending_documents, lag[0].role), (1, 1, Role::Agent));
+    assert_eq!(lag[0].peer, pair.nodes[1].node_id());
+    for output in held {
+        pair.carry(now, 0, output);
+    }
+    pair.run(now);
+    assert_eq!(pending(&pair, 0), vec![0], "the peer acknowledged the write");
+    assert_eq!(pair.heads(0), pair.heads(1));
+}
+
+#[test]
 fn only_the_documents_that_differ_are_synced_and_both_sides_converge() {
     let common: Vec<StoredDoc> = (0..MANY).map(|n| stored_doc(n, &["v"])).collect();
     let (mut first, mut second) = (common.clone(), common);
