@@ -17,6 +17,7 @@ use cairn_shared::io::scaling::Scaling;
 use cairn_shared::io::{doc_api, job_runner, jobs_api, ops_http, quic, repo_ws, scaling};
 use cairn_shared::message::Role;
 use cairn_shared::placement::NodeRole;
+use cairn_shared::scope::HoldingRule;
 use clap::Parser;
 use tokio::sync::watch;
 
@@ -36,6 +37,13 @@ async fn main() -> anyhow::Result<()> {
         sync: config.sync.clone(),
     };
     let node = RunningNode::start(&setup).context("starting the hub")?;
+    // The region's share of the replication policy, enforced inside sync too: a peer that
+    // offers a collection this region does not hold is told where it lives.
+    let (policy, region) = (config.replication.clone(), config.region.clone());
+    let holding = HoldingRule::new(move |collection| {
+        policy.check(&region, collection.as_str()).map_err(|refusal| refusal.to_string())
+    });
+    node.handle.set_holding(holding).await.context("applying the replication policy")?;
     let endpoint = quic::server_endpoint(&node.identity, config.listen, &config.link)
         .context("binding the QUIC endpoint")?;
     let quic_addr = endpoint.local_addr()?;

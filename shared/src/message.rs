@@ -17,6 +17,9 @@ pub const PROTOCOL_VERSION: u8 = 1;
 /// ALPN protocol name for QUIC connections.
 pub const ALPN: &[u8] = b"cairn/1";
 
+/// Longest reason a [`Message::NotHeld`] may carry, in bytes.
+pub const MAX_REASON_BYTES: usize = 1024;
+
 /// Most documents' sync messages one [`Message::DocSyncBatch`] carries.
 pub const MAX_BATCH_PARTS: usize = 4096;
 
@@ -82,6 +85,14 @@ pub enum Message {
         collection: Collection,
         /// Automerge's encoded sync message.
         sync_message: Vec<u8>,
+    },
+    /// The sender does not hold this collection and will not sync it over this connection;
+    /// the reason says where it lives. Both sides leave it out of their scope from then on.
+    NotHeld {
+        /// The collection.
+        collection: Collection,
+        /// Why, naming where it lives; at most [`MAX_REASON_BYTES`].
+        reason: String,
     },
     /// Are you there? A node peer that has heard nothing for a while asks; the answer is a
     /// [`Message::Pong`]. A peer silent past the heartbeat timeout is disconnected.
@@ -246,6 +257,9 @@ fn check_limits(message: &Message) -> Result<(), DecodeError> {
                 parts.len()
             )))
         }
+        Message::NotHeld { reason, .. } if reason.len() > MAX_REASON_BYTES => {
+            Err(DecodeError::OverLimit(format!("a reason of {} bytes", reason.len())))
+        }
         Message::Hello { scope, .. } => {
             scope.validate().map_err(|error| DecodeError::OverLimit(error.to_string()))
         }
@@ -404,6 +418,19 @@ mod tests {
         }
         let many: Vec<_> = (0..=MAX_SCOPE_COLLECTIONS).map(|n| part(&format!("c{n:05}"))).collect();
         assert!(matches!(Envelope::decode(&encode(many)), Err(DecodeError::OverLimit(_))));
+    }
+
+    #[test]
+    fn a_refusal_reason_is_bounded() {
+        let not_held = |reason: String| {
+            let message = Message::NotHeld { collection: "c".parse().unwrap(), reason };
+            Envelope::decode(&Envelope { sent_at: stamp(), message }.encode())
+        };
+        assert!(not_held("x".repeat(MAX_REASON_BYTES)).is_ok());
+        assert!(matches!(
+            not_held("x".repeat(MAX_REASON_BYTES + 1)),
+            Err(DecodeError::OverLimit(_))
+        ));
     }
 
     #[test]

@@ -90,6 +90,9 @@ impl Peer {
 
     /// True if this peer should hear about changes to `doc_id`, of `collection`.
     pub fn follows(&self, doc_id: &DocId, collection: &Collection) -> bool {
-        self.replicates(collection) || (self.is_ready() && self.sync_states.contains_key(doc_id))
+        if self.replicates_everything() {
+            return self.scope.contains(collection);
+        }
+        self.is_ready() && self.sync_states.contains_key(doc_id)
     }
 }

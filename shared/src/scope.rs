@@ -23,6 +23,32 @@ pub struct CollectionScope {
     pub except: BTreeSet<Collection>,
 }
 
+/// Which collections this node may hold at all, beside its scope: a hub holds only the
+/// collections its region's replication policy gives it, and says where the others live.
+#[derive(Clone)]
+pub struct HoldingRule(std::sync::Arc<HoldingCheck>);
+
+/// Whether a collection is held here, or why not.
+type HoldingCheck = dyn Fn(&Collection) -> Result<(), String> + Send + Sync;
+
+impl HoldingRule {
+    /// A rule from a function that explains each refusal.
+    pub fn new(rule: impl Fn(&Collection) -> Result<(), String> + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(rule))
+    }
+
+    /// Whether this node holds `collection`, or why not.
+    pub fn check(&self, collection: &Collection) -> Result<(), String> {
+        (self.0)(collection)
+    }
+}
+
+impl std::fmt::Debug for HoldingRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HoldingRule")
+    }
+}
+
 /// A scope that names more collections than [`MAX_SCOPE_COLLECTIONS`].
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[error("a collection scope names {0} collections in one list, at most {MAX_SCOPE_COLLECTIONS}")]

@@ -17,7 +17,7 @@ use cairn_shared::node::RequestError;
 use cairn_shared::node::{Input, Node, Output, Request, Response};
 use cairn_shared::ops::Op;
 use cairn_shared::reconcile::{Fingerprint, IdRange, RangePart, ReconcileMessage};
-use cairn_shared::scope::CollectionScope;
+use cairn_shared::scope::{CollectionScope, HoldingRule};
 use cairn_shared::store_task::{IndexEntry, StoreReply, StoreTask, StoredDoc};
 use serde_json::json;
 
@@ -800,6 +800,43 @@ fn a_peer_lags_by_the_documents_it_has_not_acknowledged_until_it_does() {
     pair.run(now);
     assert_eq!(pending(&pair, 0), vec![0], "the peer acknowledged the write");
     assert_eq!(pair.heads(0), pair.heads(1));
+}
+
+#[test]
+fn a_hub_refuses_a_collection_it_does_not_hold_and_says_where_it_lives() {
+    let doc = |collection: &str, n| stored_doc_in(collection, n, &["v"]);
+    let (here, elsewhere) = (doc("here", 1), doc("elsewhere", 2));
+    let mut pair = Pair::new([Vec::new(), vec![here.clone(), elsewhere.clone()]]);
+    pair.nodes[0].set_holding(HoldingRule::new(|collection| match collection.as_str() {
+        "elsewhere" => Err("it lives in region(s) b".into()),
+        _ => Ok(()),
+    }));
+    pair.connect();
+    let hub_has: BTreeSet<DocId> = pair.heads(0).into_keys().collect();
+    assert_eq!(hub_has, [here.doc_id].into(), "the hub holds only what its region holds");
+    let refused: Vec<(String, String)> = pair.nodes[1]
+        .refused_by_peers()
+        .map(|(_, collection, why)| (collection.to_string(), why.to_owned()))
+        .collect();
+    assert_eq!(refused, vec![("elsewhere".into(), "it lives in region(s) b".into())]);
+    // Later edits of the refused collection stay on the agent; the peer stays connected.
+    let now = Instant::now();
+    let ops = serde_json::from_value(json!([{"op": "set", "path": ["k"], "value": "w"}])).unwrap();
+    let before = pair.sent.len();
+    let edit = Request::Edit { doc_id: elsewhere.doc_id, ops };
+    pair.nodes[1].handle_input(now, Input::Request { id: 5, request: edit });
+    pair.run(now);
+    let synced_after: Vec<&Message> = pair.sent[before..]
+        .iter()
+        .filter(
+            |(_, m, _)| matches!(m, Message::DocSync { doc_id, .. } if *doc_id == elsewhere.doc_id),
+        )
+        .map(|(_, m, _)| m)
+        .collect();
+    assert!(synced_after.is_empty(), "{synced_after:?}");
+    assert_eq!(pair.nodes[0].ready_peers(), 1);
+    let not_held = pair.sent.iter().filter(|(_, m, _)| matches!(m, Message::NotHeld { .. }));
+    assert_eq!(not_held.count(), 1, "refused once per connection");
 }
 
 #[test]

@@ -582,6 +582,13 @@ async fn status(State(state): State<ApiState>) -> Result<impl IntoResponse, ApiE
         "hub": {
             "connected": report.hub_connected,
             "id": report.hub.map(|id| id.to_string()),
+            "refused_collections": report.refused_collections.iter()
+                .map(|(peer, collection, reason)| json!({
+                    "peer": peer.to_string(),
+                    "collection": collection.as_str(),
+                    "reason": reason,
+                }))
+                .collect::<Vec<_>>(),
             "last_sync": report.last_hub_sync.map(|t| t.get_time().to_string_rfc3339_lossy()),
             "documents_pending": report.documents_pending_hub,
         },

@@ -17,7 +17,7 @@ use crate::ids::NodeId;
 use crate::message::Role;
 use crate::node::RequestError;
 use crate::node::{ConnId, Input, Node, NodeStats, Output, Request, RequestId, Response};
-use crate::scope::CollectionScope;
+use crate::scope::{CollectionScope, HoldingRule};
 use crate::store_task::StoreTask;
 
 /// Commands waiting for the node loop. Full means the node is saturated: callers wait.
@@ -85,6 +85,7 @@ enum Command {
         restrict: Option<CollectionScope>,
         writer: mpsc::Sender<WriterMessage>,
     },
+    SetHolding(HoldingRule),
     Shutdown,
 }
 
@@ -168,6 +169,12 @@ impl NodeHandle {
     /// True while the node loop runs.
     pub fn is_running(&self) -> bool {
         !self.commands.is_closed()
+    }
+
+    /// Limits the collections the node holds (a hub: what its region's policy gives it).
+    /// Takes effect before any command sent after it.
+    pub async fn set_holding(&self, rule: HoldingRule) -> Result<(), DriverError> {
+        self.commands.send(Command::SetHolding(rule)).await.map_err(|_| DriverError::Stopped)
     }
 
     /// Asks the loop to stop after closing every connection.
@@ -288,6 +295,7 @@ impl Driver {
                 self.writers.insert(conn, writer);
                 self.node.handle_input(now, Input::Connected { conn, peer, restrict });
             }
+            Command::SetHolding(rule) => self.node.set_holding(rule),
             Command::Shutdown => return false,
         }
         true

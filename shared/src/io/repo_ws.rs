@@ -440,7 +440,8 @@ impl Session {
             | Message::Inventory { .. }
             | Message::Reconcile { .. }
             | Message::Ping
-            | Message::Pong => {}
+            | Message::Pong
+            | Message::NotHeld { .. } => {}
         }
     }
 

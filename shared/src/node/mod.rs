@@ -23,14 +23,16 @@ use automerge::{ActorId, ChangeHash};
 use crate::config::SyncConfig;
 use crate::document::{heads_hex, Document, DocumentError};
 use crate::durability::HubAcks;
-use crate::ids::{DocId, NodeId};
+use crate::ids::{Collection, DocId, NodeId};
 use crate::message::Role;
 use crate::peer::{Peer, PeerPhase};
+use crate::scope::HoldingRule;
 use crate::store_task::{IndexEntry, StoreReply, StoreTask, StoredDoc};
 
 mod cache;
 mod catalog;
 mod heartbeat;
+mod holding;
 mod lag;
 mod peering;
 mod reconciling;
@@ -87,6 +89,10 @@ pub struct Node {
     sync_batches: BTreeMap<ConnId, peering::SyncBatch>,
     /// Reads, and writes that changed nothing, waiting for a document's appends to commit.
     parked_reads: BTreeMap<DocId, Vec<(RequestId, Request)>>,
+    /// Which collections this node may hold at all (a hub: what its region holds).
+    holding: Option<HoldingRule>,
+    /// Collections a peer said it does not hold, with its reason, by peer (for status).
+    refused_by_peers: BTreeMap<NodeId, BTreeMap<Collection, String>>,
     stats: NodeStats,
 }
 
@@ -133,8 +139,23 @@ impl Node {
             parked_reads: BTreeMap::new(),
             announced: BTreeSet::new(),
             sync_batches: BTreeMap::new(),
+            holding: None,
+            refused_by_peers: BTreeMap::new(),
             stats: NodeStats::default(),
         }
+    }
+
+    /// Limits the collections this node holds: a collection the rule refuses is not synced
+    /// with any peer, and a peer that offers one is told why (a hub: where it lives).
+    pub fn set_holding(&mut self, rule: HoldingRule) {
+        self.holding = Some(rule);
+    }
+
+    /// Collections connected peers said they do not hold, with their reasons.
+    pub fn refused_by_peers(&self) -> impl Iterator<Item = (&NodeId, &Collection, &str)> {
+        self.refused_by_peers
+            .iter()
+            .flat_map(|(peer, refused)| refused.iter().map(move |(c, why)| (peer, c, why.as_str())))
     }
 
     /// Adds a stored document's index entry at start-up, without loading the document: it

@@ -55,6 +55,9 @@ impl Node {
     pub(super) fn on_disconnected(&mut self, conn: ConnId) {
         let Some(peer) = self.peers.remove(&conn) else { return };
         if peer.replicates_everything() {
+            if !self.peers.values().any(|p| p.node_id == peer.node_id) {
+                self.refused_by_peers.remove(&peer.node_id);
+            }
             return self.save_sync_states(peer);
         }
         for doc_id in peer.sync_states.keys() {
@@ -156,6 +159,9 @@ impl Node {
                 self.on_doc_sync(conn, doc_id, collection, &sync_message)
             }
             (PeerPhase::Ready(_), Message::Ping) => self.send(conn, Message::Pong),
+            (PeerPhase::Ready(_), Message::NotHeld { collection, reason }) => {
+                self.on_not_held(conn, collection, reason)
+            }
             (PeerPhase::Ready(_), Message::Pong) => {} // Hearing it was the point.
             (PeerPhase::Ready(_), Message::DocSyncBatch { parts }) => {
                 for DocSyncPart { doc_id, collection, sync_message } in parts {
@@ -210,7 +216,8 @@ impl Node {
         };
         let outside_scope = match (collection, self.peers.get(&conn)) {
             (Some(collection), Some(peer)) => {
-                peer.replicates_everything() && !peer.scope.contains(collection)
+                peer.replicates_everything()
+                    && !(peer.scope.contains(collection) && self.holds(collection))
             }
             _ => true,
         };
@@ -250,6 +257,11 @@ impl Node {
             .peers
             .get(&conn)
             .is_some_and(|p| p.replicates_everything() && !p.scope.contains(&collection))
+        {
+            return;
+        }
+        if self.peers.get(&conn).is_some_and(|p| p.replicates_everything())
+            && !self.held_or_refused(conn, &collection)
         {
             return;
         }

@@ -12,7 +12,6 @@
 use std::collections::BTreeMap;
 
 use super::{ConnId, Node};
-use crate::ids::Collection;
 use crate::message::{CollectionReconcile, Message};
 use crate::reconcile::{
     Difference, Fingerprint, IdRange, MemoryStore, RangePart, ReconcileConfig, ReconcileMessage,
@@ -37,7 +36,7 @@ impl Node {
         let mut sessions = BTreeMap::new();
         // A node replicating more collections than one message may name reconciles the
         // first of them; the limit is documented with the scope.
-        let shared = self.catalog.collections().filter(|(c, _)| scope.contains(c));
+        let shared = self.catalog.collections().filter(|(c, _)| scope.contains(c) && self.holds(c));
         for (collection, set) in shared.take(MAX_SCOPE_COLLECTIONS) {
             let Ok(mut reconciler) = Reconciler::new(set, ReconcileConfig::default()) else {
                 continue;
@@ -53,17 +52,26 @@ impl Node {
     }
 
     /// Answers one reconciliation message, every collection's part in one reply, and starts
-    /// syncing what it revealed.
+    /// syncing what it revealed. A collection this node does not hold is refused, once.
     pub(super) fn on_reconcile(
         &mut self,
         conn: ConnId,
         opens: bool,
         parts: Vec<CollectionReconcile>,
     ) {
-        let Some(peer) = self.peers.get_mut(&conn) else { return };
+        let Some(peer) = self.peers.get(&conn) else { return };
         if !peer.replicates_everything() {
             return self.refuse(conn, "clients do not reconcile".into());
         }
+        let in_scope: Vec<CollectionReconcile> =
+            parts.into_iter().filter(|part| peer.scope.contains(&part.collection)).collect();
+        let mut work = BTreeMap::new();
+        for part in in_scope {
+            if self.held_or_refused(conn, &part.collection) {
+                work.insert(part.collection, part.message);
+            }
+        }
+        let Some(peer) = self.peers.get_mut(&conn) else { return };
         // An opening replaces whatever is left of sessions the initiator abandoned, whose
         // unsent answers would otherwise overlap the new ones.
         let mut sessions = std::mem::take(&mut peer.reconcile_sessions);
@@ -71,14 +79,10 @@ impl Node {
             sessions.clear();
         }
         let scope = peer.scope.clone();
-        let mut work: BTreeMap<Collection, ReconcileMessage> = parts
-            .into_iter()
-            .filter(|part| scope.contains(&part.collection))
-            .map(|part| (part.collection, part.message))
-            .collect();
         if opens {
             // A collection the opening does not list, the initiator holds nothing of.
-            for (collection, _) in self.catalog.collections().filter(|(c, _)| scope.contains(c)) {
+            let shared = self.catalog.collections().filter(|(c, _)| scope.contains(c));
+            for (collection, _) in shared.filter(|(c, _)| self.holds(c)) {
                 work.entry(collection.clone()).or_insert_with(empty_summary);
             }
         }

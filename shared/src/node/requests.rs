@@ -49,6 +49,10 @@ impl Node {
                     lag.truncate(StatusReport::LAG_LISTED);
                     lag
                 },
+                refused_collections: self
+                    .refused_by_peers()
+                    .map(|(peer, collection, why)| (*peer, collection.clone(), why.to_owned()))
+                    .collect(),
             }))),
             Request::Exists { doc_id } => Some(self.exists(doc_id)),
             Request::AwaitHub { doc_id, heads, deadline } => {

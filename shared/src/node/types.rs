@@ -197,6 +197,9 @@ pub struct StatusReport {
     /// Replication lag of the node peers furthest behind (at most
     /// [`StatusReport::LAG_LISTED`]), most behind first.
     pub replication_lag: Vec<super::PeerLag>,
+    /// Collections connected peers said they do not hold: peer, collection, reason (where the
+    /// collection lives).
+    pub refused_collections: Vec<(NodeId, Collection, String)>,
 }
 
 impl StatusReport {
