@@ -48,6 +48,10 @@ pub struct Cli {
     /// Run jobs and publish this node's capability profile (`jobs.enabled`).
     #[arg(long, env = "CAIRN_JOBS_ENABLED")]
     pub jobs_enabled: Option<bool>,
+    /// LAN mesh (sync with the site's other agents over zenoh) settings.
+    #[cfg(feature = "lan")]
+    #[command(flatten)]
+    pub lan: crate::lan_flags::LanFlags,
 }
 
 /// The agent's settings.
@@ -83,6 +87,13 @@ pub struct AgentConfig {
     /// For tests and labs only: replaces measured profile values, so that nodes on one
     /// machine can present different capacities. Never set it in production.
     pub profile_override: ProfileOverride,
+    /// Sync of the collections shared on the LAN directly with the site's other agents.
+    #[cfg(feature = "lan")]
+    pub lan: cairn_shared::io::lan::LanConfig,
+    /// A build without the LAN mesh still reads the section, so one file serves every build;
+    /// the agent warns that it is ignored.
+    #[cfg(not(feature = "lan"))]
+    pub lan: Option<serde_json::Value>,
 }
 
 impl Default for AgentConfig {
@@ -101,6 +112,7 @@ impl Default for AgentConfig {
             link: LinkTiming::default(),
             jobs: JobsConfig::default(),
             profile_override: ProfileOverride::default(),
+            lan: Default::default(),
         }
     }
 }
@@ -137,6 +149,11 @@ impl AgentConfig {
         }
         if let Some(enabled) = cli.jobs_enabled {
             config.jobs.enabled = enabled;
+        }
+        #[cfg(feature = "lan")]
+        {
+            cli.lan.apply(&mut config.lan);
+            config.lan.validate()?;
         }
         config.sync.validate()?;
         config.jobs.validate()?;
@@ -181,6 +198,8 @@ mod tests {
         assert_eq!(parsed.identity, defaults.identity);
         assert_eq!(parsed.jobs, defaults.jobs);
         assert_eq!(parsed.profile_override, defaults.profile_override);
+        #[cfg(feature = "lan")]
+        assert_eq!(parsed.lan, defaults.lan);
     }
 
     #[test]

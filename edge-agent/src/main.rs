@@ -1,7 +1,10 @@
 //! Cairn edge agent: stores every write durably in SQLite before answering, serves the local
-//! HTTP API, and keeps its documents in sync with its hub whenever the hub is reachable.
+//! HTTP API, and keeps its documents in sync with its hub whenever the hub is reachable, and
+//! the collections shared on the LAN with the site's other agents (feature `lan`).
 
 mod config;
+#[cfg(feature = "lan")]
+mod lan_flags;
 
 use std::sync::atomic::Ordering;
 
@@ -31,6 +34,12 @@ async fn main() -> anyhow::Result<()> {
     let node = RunningNode::start(&setup).context("starting the agent")?;
     let endpoint = quic::client_endpoint(&node.identity, &config.link)
         .context("creating the QUIC endpoint")?;
+    #[cfg(feature = "lan")]
+    let lan = start_lan(&config, &node).await?;
+    #[cfg(not(feature = "lan"))]
+    if config.lan.is_some() {
+        tracing::warn!("this build has no LAN mesh: the [lan] section is ignored");
+    }
     let link = LinkMonitor::new();
     let dialer = tokio::spawn(quic::dial_hubs(
         endpoint.clone(),
@@ -89,8 +98,41 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!("shutting down");
     job_runner.stop().await;
+    #[cfg(feature = "lan")]
+    if let Some(lan) = lan {
+        lan.stop().await;
+    }
     dialer.abort();
     endpoint.close(0u32.into(), b"agent shutting down");
     node.stop().await.context("stopping the store")?;
     Ok(())
+}
+
+/// Joins the site's LAN mesh if it is enabled.
+#[cfg(feature = "lan")]
+async fn start_lan(
+    config: &AgentConfig,
+    node: &RunningNode,
+) -> anyhow::Result<Option<cairn_shared::io::lan::LanMesh>> {
+    use cairn_shared::io::lan::LanMesh;
+    let lan = &config.lan;
+    if !lan.enabled {
+        return Ok(None);
+    }
+    // A shared collection this agent does not replicate at all would silently never cross.
+    let unreplicated: Vec<_> =
+        lan.collections.iter().filter(|c| !config.sync.collections.contains(c)).collect();
+    if !unreplicated.is_empty() {
+        tracing::warn!(?unreplicated, "LAN collections outside sync.collections do not cross");
+    }
+    let mesh = LanMesh::start(
+        lan,
+        node.handle.clone(),
+        config.sync.max_frame_bytes,
+        node.ops.metrics.backbone.clone(),
+    )
+    .await
+    .context("joining the LAN mesh")?;
+    tracing::info!(site = %lan.site, collections = ?lan.collections, "LAN mesh joined");
+    Ok(Some(mesh))
 }

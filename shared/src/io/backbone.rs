@@ -1,5 +1,6 @@
 //! The backbone: hubs replicating with each other over zenoh, as one more carrier for the
-//! same frames the QUIC links carry.
+//! same frames the QUIC links carry. The same carrier joins the agents of one site on their LAN
+//! (see `io::lan`): only the keys and the collections a link carries differ.
 //!
 //! Each hub opens a zenoh session, subscribes to the frames addressed to it, and declares a
 //! liveliness token `cairn/<fleet>/hubs/<node id>/<region>/<incarnation>/<agent address>`
@@ -18,7 +19,13 @@
 //! frames, a sample zenoh loses costs one message, never the framing, and the periodic
 //! reconciliation (`anti_entropy_interval_ms`) repairs whatever that message carried.
 //!
-//! Control loop: one task owns the table of remote hubs and reacts to token changes, arriving
+//! On a LAN, an agent's token is `cairn/<fleet>/lan/<site>/agents/<node id>/<incarnation>` and
+//! its frames travel under `cairn/<fleet>/lan/<site>/link/...` with the same segments as above,
+//! so agents of other sites and hubs never see them. Each LAN link is attached with the
+//! collections marked shared-on-LAN as its restriction, so it carries only those, while the
+//! agent's link to its hub carries everything.
+//!
+//! Control loop: one task owns the table of remote members and reacts to token changes, arriving
 //! samples, links the node closed, and a retry tick; one writer task per attached link
 //! publishes the node's frames in order. Nothing here reads the frames.
 //!
@@ -44,6 +51,7 @@ use crate::frame::LENGTH_PREFIX_BYTES;
 use crate::ids::NodeId;
 use crate::node::ConnId;
 use crate::replication::Region;
+use crate::scope::CollectionScope;
 
 /// Samples kept per remote hub whose token has not been seen yet (its first frames can
 /// overtake its token); more are dropped and the handshake is retried.
@@ -56,7 +64,7 @@ pub const MAX_PENDING_BYTES: usize = 4 * 1024 * 1024;
 pub const REATTACH_DELAY: Duration = Duration::from_secs(1);
 /// Link events (closed links) waiting for the control loop.
 const EVENT_QUEUE_CAPACITY: usize = 256;
-/// Longest fleet name, in bytes.
+/// Longest fleet (or LAN site) name, in bytes.
 pub const MAX_FLEET_BYTES: usize = 64;
 /// Shortest link lease: zenoh sends keep-alives four times per lease.
 pub const MIN_LEASE_MS: u64 = 500;
@@ -77,6 +85,19 @@ pub enum BackboneMode {
     Client,
     /// Routes for others too.
     Router,
+}
+
+impl std::str::FromStr for BackboneMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "peer" => Ok(Self::Peer),
+            "client" => Ok(Self::Client),
+            "router" => Ok(Self::Router),
+            other => Err(format!("{other:?}: expected peer, client or router")),
+        }
+    }
 }
 
 impl BackboneMode {
@@ -143,24 +164,21 @@ impl Default for BackboneConfig {
 impl BackboneConfig {
     /// Checks what zenoh would otherwise refuse late or silently.
     pub fn validate(&self) -> Result<(), BackboneError> {
-        let fleet_ok = !self.fleet.is_empty()
-            && self.fleet.len() <= MAX_FLEET_BYTES
-            && self.fleet.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !fleet_ok {
-            return Err(BackboneError::Config(format!(
-                "backbone.fleet {:?}: use 1 to {MAX_FLEET_BYTES} letters, digits, '-' or '_'",
-                self.fleet
-            )));
-        }
+        self.validate_section("backbone")
+    }
+
+    /// Like [`Self::validate`], naming the settings' configuration `section` in errors.
+    pub(super) fn validate_section(&self, section: &str) -> Result<(), BackboneError> {
+        check_key_segment(section, "fleet", &self.fleet)?;
         if !(MIN_LEASE_MS..=MAX_LEASE_MS).contains(&self.lease_ms) {
             return Err(BackboneError::Config(format!(
-                "backbone.lease_ms {}: use {MIN_LEASE_MS} to {MAX_LEASE_MS}",
+                "{section}.lease_ms {}: use {MIN_LEASE_MS} to {MAX_LEASE_MS}",
                 self.lease_ms
             )));
         }
         for endpoint in self.listen.iter().chain(&self.connect) {
             endpoint.parse::<zenoh::config::EndPoint>().map_err(|e| {
-                BackboneError::Config(format!("backbone endpoint {endpoint:?}: {e}"))
+                BackboneError::Config(format!("{section} endpoint {endpoint:?}: {e}"))
             })?;
         }
         Ok(())
@@ -191,6 +209,23 @@ impl BackboneConfig {
         }
         Ok(config)
     }
+}
+
+/// Checks that `value`, setting `section.name`, can be one segment of a key expression.
+pub(super) fn check_key_segment(
+    section: &str,
+    name: &str,
+    value: &str,
+) -> Result<(), BackboneError> {
+    let valid = !value.is_empty()
+        && value.len() <= MAX_FLEET_BYTES
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if valid {
+        return Ok(());
+    }
+    Err(BackboneError::Config(format!(
+        "{section}.{name} {value:?}: use 1 to {MAX_FLEET_BYTES} letters, digits, '-' or '_'"
+    )))
 }
 
 /// Why the backbone could not start.
@@ -257,10 +292,37 @@ fn as_text<S: serde::Serializer>(node_id: &NodeId, serializer: S) -> Result<S::O
     serializer.collect_str(node_id)
 }
 
-/// A running backbone membership.
+/// What this node is on the zenoh network: it decides the keys and what links carry.
+#[derive(Debug, Clone)]
+pub(super) enum Membership {
+    /// A hub on its fleet's backbone; links carry every collection.
+    Hub(Announcement),
+    /// An agent on its site's LAN; links carry only `collections`.
+    LanAgent {
+        /// The site: only agents of the same site see each other.
+        site: String,
+        /// The collections shared on the LAN.
+        collections: CollectionScope,
+    },
+}
+
+/// Another member as this node sees it: a hub (with its announcement) or a LAN neighbour.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Member {
+    /// Its node id.
+    pub node_id: NodeId,
+    /// What a hub announced; `None` for a LAN neighbour.
+    pub announcement: Option<Announcement>,
+    /// Which run of that node this is.
+    pub incarnation: u64,
+    /// Whether a link is attached and the member has sent frames on it.
+    pub connected: bool,
+}
+
+/// A running membership of the backbone (or, through `io::lan`, of a site's LAN).
 #[derive(Debug)]
 pub struct Backbone {
-    hubs: watch::Receiver<Vec<RemoteHub>>,
+    members: watch::Receiver<Vec<Member>>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -277,15 +339,27 @@ impl Backbone {
         max_frame_bytes: usize,
         metrics: BackboneMetrics,
     ) -> Result<Self, BackboneError> {
+        let membership = Membership::Hub(announcement);
+        Self::join(config, membership, node, max_frame_bytes, metrics).await
+    }
+
+    /// Joins the zenoh network described by `config` as `membership` and starts attaching
+    /// the other members to `node`.
+    pub(super) async fn join(
+        config: &BackboneConfig,
+        membership: Membership,
+        node: NodeHandle,
+        max_frame_bytes: usize,
+        metrics: BackboneMetrics,
+    ) -> Result<Self, BackboneError> {
         let session = zenoh::open(config.zenoh_config()?).await.map_err(BackboneError::Zenoh)?;
-        let keys =
-            Keys { fleet: config.fleet.clone(), me: node.node_id(), incarnation: rand::random() };
+        let keys = Keys::new(&config.fleet, &membership, node.node_id(), rand::random());
         // Frames can arrive as soon as others see the token, so subscribe first.
         let frames =
             session.declare_subscriber(keys.inbox()).await.map_err(BackboneError::Zenoh)?;
         let token = session
             .liveliness()
-            .declare_token(keys.token(&announcement))
+            .declare_token(keys.token(&membership))
             .await
             .map_err(BackboneError::Zenoh)?;
         let tokens = session
@@ -295,27 +369,31 @@ impl Backbone {
             .await
             .map_err(BackboneError::Zenoh)?;
         tracing::info!(
-            fleet = %keys.fleet,
-            region = %announcement.region,
-            agent_address = announcement.agent_address.as_deref().unwrap_or("-"),
+            keys = %keys.root,
             incarnation = %format!("{:016x}", keys.incarnation),
             zenoh_id = %session.zid(),
-            "joined the backbone"
+            "joined {}",
+            keys.kind.network()
         );
-        let (hubs_tx, hubs) = watch::channel(Vec::new());
+        let restrict = match membership {
+            Membership::Hub(_) => None,
+            Membership::LanAgent { collections, .. } => Some(collections),
+        };
+        let (members_tx, members) = watch::channel(Vec::new());
         let (stop, stop_rx) = watch::channel(false);
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE_CAPACITY);
         let links = Links {
             session: session.clone(),
             keys,
             node,
+            restrict,
             max_sample_bytes: max_frame_bytes + LENGTH_PREFIX_BYTES,
             remotes: BTreeMap::new(),
             retired: BTreeMap::new(),
             pending: PendingSamples::default(),
             next_epoch: 1,
             events_tx,
-            hubs: hubs_tx,
+            members: members_tx,
             metrics,
         };
         let task = tokio::spawn(async move {
@@ -323,67 +401,139 @@ impl Backbone {
             let _ = token.undeclare().await;
             let _ = session.close().await;
         });
-        Ok(Self { hubs, stop, task })
+        Ok(Self { members, stop, task })
     }
 
     /// The other hubs currently on the backbone.
     pub fn hubs(&self) -> Vec<RemoteHub> {
-        self.hubs.borrow().clone()
+        let members = self.members.borrow();
+        let hubs = members.iter().filter_map(|member| {
+            let announcement = member.announcement.clone()?;
+            Some(RemoteHub {
+                node_id: member.node_id,
+                region: announcement.region,
+                agent_address: announcement.agent_address,
+                incarnation: format!("{:016x}", member.incarnation),
+                connected: member.connected,
+            })
+        });
+        hubs.collect()
     }
 
-    /// Leaves the backbone: detaches every link, withdraws the token, closes the session.
+    /// Every other member currently present, hub or LAN neighbour.
+    pub(super) fn members(&self) -> Vec<Member> {
+        self.members.borrow().clone()
+    }
+
+    /// Leaves the network: detaches every link, withdraws the token, closes the session.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
     }
 }
 
-/// Key expressions this hub uses.
+/// Which kind of member a node is, as far as keys go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MemberKind {
+    Hub,
+    LanAgent,
+}
+
+impl MemberKind {
+    /// What the other members are called in logs.
+    fn noun(self) -> &'static str {
+        match self {
+            Self::Hub => "hub",
+            Self::LanAgent => "LAN neighbour",
+        }
+    }
+
+    /// The network joined, in logs.
+    fn network(self) -> &'static str {
+        match self {
+            Self::Hub => "the backbone",
+            Self::LanAgent => "the LAN",
+        }
+    }
+}
+
+/// Key expressions this node uses.
 #[derive(Debug, Clone)]
 struct Keys {
-    fleet: String,
+    /// `cairn/<fleet>` on the backbone, `cairn/<fleet>/lan/<site>` on a LAN.
+    root: String,
+    kind: MemberKind,
     me: NodeId,
     incarnation: u64,
 }
 
 impl Keys {
-    fn token(&self, announcement: &Announcement) -> String {
-        let Announcement { region, agent_address } = announcement;
-        let address = agent_address.as_deref().unwrap_or("-");
-        let (fleet, me, incarnation) = (&self.fleet, self.me, self.incarnation);
-        format!("cairn/{fleet}/hubs/{me}/{region}/{incarnation:016x}/{address}")
+    fn new(fleet: &str, membership: &Membership, me: NodeId, incarnation: u64) -> Self {
+        let (root, kind) = match membership {
+            Membership::Hub(_) => (format!("cairn/{fleet}"), MemberKind::Hub),
+            Membership::LanAgent { site, .. } => {
+                (format!("cairn/{fleet}/lan/{site}"), MemberKind::LanAgent)
+            }
+        };
+        Self { root, kind, me, incarnation }
+    }
+
+    fn token(&self, membership: &Membership) -> String {
+        let (root, me, incarnation) = (&self.root, self.me, self.incarnation);
+        match membership {
+            Membership::Hub(Announcement { region, agent_address }) => {
+                let address = agent_address.as_deref().unwrap_or("-");
+                format!("{root}/hubs/{me}/{region}/{incarnation:016x}/{address}")
+            }
+            Membership::LanAgent { .. } => format!("{root}/agents/{me}/{incarnation:016x}"),
+        }
     }
 
     fn every_token(&self) -> String {
-        format!("cairn/{}/hubs/*/*/*/*", self.fleet)
+        match self.kind {
+            MemberKind::Hub => format!("{}/hubs/*/*/*/*", self.root),
+            MemberKind::LanAgent => format!("{}/agents/*/*", self.root),
+        }
     }
 
     fn inbox(&self) -> String {
-        format!("cairn/{}/link/{}/{:016x}/*/*/*", self.fleet, self.me, self.incarnation)
+        format!("{}/link/{}/{:016x}/*/*/*", self.root, self.me, self.incarnation)
     }
 
     fn outbox(&self, to: &RemoteKey, epoch: u64) -> String {
         format!(
-            "cairn/{}/link/{}/{:016x}/{}/{:016x}/{epoch}",
-            self.fleet, to.node_id, to.incarnation, self.me, self.incarnation
+            "{}/link/{}/{:016x}/{}/{:016x}/{epoch}",
+            self.root, to.node_id, to.incarnation, self.me, self.incarnation
         )
     }
 
-    /// The hub a token key names.
-    fn parse_token(&self, key: &str) -> Option<(RemoteKey, Announcement)> {
-        let rest = key.strip_prefix(&format!("cairn/{}/hubs/", self.fleet))?;
-        let mut parts = rest.split('/');
-        let node_id = parts.next()?.parse().ok()?;
-        let region = parts.next()?.parse().ok()?;
-        let incarnation = u64::from_str_radix(parts.next()?, 16).ok()?;
-        let address = Some(parts.next()?.to_owned()).filter(|a| a != "-");
-        let announcement = Announcement::new(region, address).ok()?;
-        parts.next().is_none().then_some((RemoteKey { node_id, incarnation }, announcement))
+    /// The member a token key names, with what it announced if it is a hub.
+    fn parse_token(&self, key: &str) -> Option<(RemoteKey, Option<Announcement>)> {
+        match self.kind {
+            MemberKind::Hub => {
+                let rest = key.strip_prefix(&format!("{}/hubs/", self.root))?;
+                let mut parts = rest.split('/');
+                let node_id = parts.next()?.parse().ok()?;
+                let region = parts.next()?.parse().ok()?;
+                let incarnation = u64::from_str_radix(parts.next()?, 16).ok()?;
+                let address = Some(parts.next()?.to_owned()).filter(|a| a != "-");
+                let announcement = Announcement::new(region, address).ok()?;
+                let remote = RemoteKey { node_id, incarnation };
+                parts.next().is_none().then_some((remote, Some(announcement)))
+            }
+            MemberKind::LanAgent => {
+                let rest = key.strip_prefix(&format!("{}/agents/", self.root))?;
+                let mut parts = rest.split('/');
+                let node_id = parts.next()?.parse().ok()?;
+                let incarnation = u64::from_str_radix(parts.next()?, 16).ok()?;
+                parts.next().is_none().then_some((RemoteKey { node_id, incarnation }, None))
+            }
+        }
     }
 
-    /// The sender and link epoch a frame key in this hub's inbox names.
+    /// The sender and link epoch a frame key in this node's inbox names.
     fn parse_frame(&self, key: &str) -> Option<(RemoteKey, u64)> {
-        let inbox = format!("cairn/{}/link/{}/{:016x}/", self.fleet, self.me, self.incarnation);
+        let inbox = format!("{}/link/{}/{:016x}/", self.root, self.me, self.incarnation);
         let mut parts = key.strip_prefix(&inbox)?.split('/');
         let node_id = parts.next()?.parse().ok()?;
         let incarnation = u64::from_str_radix(parts.next()?, 16).ok()?;
@@ -392,17 +542,18 @@ impl Keys {
     }
 }
 
-/// One run of one remote hub.
+/// One run of one remote member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct RemoteKey {
     node_id: NodeId,
     incarnation: u64,
 }
 
-/// A remote hub whose token is present.
+/// A remote member whose token is present.
 #[derive(Debug)]
 struct Remote {
-    announcement: Announcement,
+    /// What a hub announced; `None` for a LAN neighbour.
+    announcement: Option<Announcement>,
     link: Option<Link>,
     /// The newest remote epoch this side has adopted; older or equal ones are stale for a new link.
     last_remote_epoch: u64,
@@ -410,7 +561,7 @@ struct Remote {
     retry_at: Option<Instant>,
 }
 
-/// A connection attached to the node for one remote hub.
+/// A connection attached to the node for one remote member.
 #[derive(Debug)]
 struct Link {
     conn: ConnId,
@@ -427,11 +578,13 @@ struct LinkClosed {
     epoch: u64,
 }
 
-/// The control loop's state: every remote hub and its link.
+/// The control loop's state: every remote member and its link.
 struct Links {
     session: zenoh::Session,
     keys: Keys,
     node: NodeHandle,
+    /// The collections every link is limited to (the LAN's), or `None` for every collection.
+    restrict: Option<CollectionScope>,
     max_sample_bytes: usize,
     remotes: BTreeMap<RemoteKey, Remote>,
     /// The last epoch adopted from remote runs whose token left (bounded).
@@ -439,7 +592,7 @@ struct Links {
     pending: PendingSamples,
     next_epoch: u64,
     events_tx: mpsc::Sender<LinkClosed>,
-    hubs: watch::Sender<Vec<RemoteHub>>,
+    members: watch::Sender<Vec<Member>>,
     metrics: BackboneMetrics,
 }
 
@@ -469,7 +622,7 @@ impl Links {
                 _ = tick.tick() => self.reattach_due().await,
                 _ = stop.changed() => false,
             };
-            self.publish_hubs();
+            self.publish_members();
             if !running {
                 break;
             }
@@ -483,7 +636,7 @@ impl Links {
     /// A token appeared or vanished. False once the node is gone.
     async fn on_token_sample(&mut self, sample: &Sample) -> bool {
         let Some((remote, announcement)) = self.keys.parse_token(sample.key_expr().as_str()) else {
-            tracing::debug!(key = %sample.key_expr(), "ignoring a token that names no hub");
+            tracing::debug!(key = %sample.key_expr(), "ignoring a token that names no member");
             return true;
         };
         if remote.node_id == self.keys.me {
@@ -494,8 +647,14 @@ impl Links {
                 if self.remotes.contains_key(&remote) {
                     return true;
                 }
-                let region = &announcement.region;
-                tracing::info!(peer = %remote.node_id, %region, "hub appeared on the backbone");
+                let (noun, network) = (self.keys.kind.noun(), self.keys.kind.network());
+                let peer = remote.node_id;
+                match &announcement {
+                    Some(a) => {
+                        tracing::info!(%peer, region = %a.region, "{noun} appeared on {network}")
+                    }
+                    None => tracing::info!(%peer, "{noun} appeared on {network}"),
+                }
                 // A run whose token comes back (a healed partition) keeps its epoch floor.
                 let last_remote_epoch = self.retired.remove(&remote).unwrap_or(0);
                 let fresh = Remote { announcement, link: None, last_remote_epoch, retry_at: None };
@@ -511,8 +670,8 @@ impl Links {
                 true
             }
             SampleKind::Delete => {
-                let region = &announcement.region;
-                tracing::info!(peer = %remote.node_id, %region, "hub left the backbone");
+                let (noun, network) = (self.keys.kind.noun(), self.keys.kind.network());
+                tracing::info!(peer = %remote.node_id, "{noun} left {network}");
                 self.pending.take(&remote);
                 self.detach(remote).await;
                 if let Some(state) = self.remotes.remove(&remote) {
@@ -526,7 +685,7 @@ impl Links {
         }
     }
 
-    /// Frames arrived from a remote hub. False once the node is gone.
+    /// Frames arrived from a remote member. False once the node is gone.
     async fn on_frame_sample(&mut self, sample: &Sample) -> bool {
         let Some((remote, epoch)) = self.keys.parse_frame(sample.key_expr().as_str()) else {
             self.metrics.samples_dropped.inc();
@@ -535,7 +694,7 @@ impl Links {
         let size = sample.payload().len();
         if size > self.max_sample_bytes {
             self.metrics.samples_oversized.inc();
-            tracing::warn!(peer = %remote.node_id, size, "dropping an oversized backbone sample");
+            tracing::warn!(peer = %remote.node_id, size, "dropping an oversized zenoh sample");
             return true;
         }
         let bytes = sample.payload().to_bytes().into_owned();
@@ -558,7 +717,8 @@ impl Links {
             Admission::Drop => false,
             Admission::NewLink => self.attach(remote).await,
             Admission::RestartLink => {
-                tracing::info!(peer = %remote.node_id, "remote hub restarted the link");
+                let noun = self.keys.kind.noun();
+                tracing::info!(peer = %remote.node_id, "remote {noun} restarted the link");
                 self.detach(remote).await;
                 self.attach(remote).await
             }
@@ -582,7 +742,8 @@ impl Links {
         let epoch = self.next_epoch;
         self.next_epoch += 1;
         let (writer_tx, writer_rx) = mpsc::channel(CONNECTION_QUEUE_CAPACITY);
-        let Ok(conn) = self.node.attach(remote.node_id, writer_tx).await else {
+        let restrict = self.restrict.clone();
+        let Ok(conn) = self.node.attach_scoped(remote.node_id, restrict, writer_tx).await else {
             return false;
         };
         let writer = tokio::spawn(publish_frames(
@@ -594,7 +755,8 @@ impl Links {
             self.metrics.clone(),
         ));
         self.metrics.links_attached.inc();
-        tracing::info!(conn, peer = %remote.node_id, epoch, "backbone link attached");
+        let noun = self.keys.kind.noun();
+        tracing::info!(conn, peer = %remote.node_id, epoch, "link to a {noun} attached");
         if let Some(state) = self.remotes.get_mut(&remote) {
             state.link = Some(Link { conn, epoch, remote_epoch: None, writer });
             state.retry_at = None;
@@ -609,7 +771,8 @@ impl Links {
         };
         link.writer.abort();
         let _ = self.node.disconnected(link.conn).await;
-        tracing::info!(conn = link.conn, peer = %remote.node_id, "backbone link detached");
+        let noun = self.keys.kind.noun();
+        tracing::info!(conn = link.conn, peer = %remote.node_id, "link to a {noun} detached");
     }
 
     /// The node closed a link (or publishing stopped): detach it and try again later.
@@ -638,25 +801,30 @@ impl Links {
         self.node.is_running()
     }
 
-    fn publish_hubs(&self) {
-        let hubs: Vec<RemoteHub> = self
+    fn publish_members(&self) {
+        let members: Vec<Member> = self
             .remotes
             .iter()
-            .map(|(key, state)| RemoteHub {
+            .map(|(key, state)| Member {
                 node_id: key.node_id,
-                region: state.announcement.region.clone(),
-                agent_address: state.announcement.agent_address.clone(),
-                incarnation: format!("{:016x}", key.incarnation),
+                announcement: state.announcement.clone(),
+                incarnation: key.incarnation,
                 connected: state.link.as_ref().is_some_and(|link| link.remote_epoch.is_some()),
             })
             .collect();
-        let connected = hubs.iter().filter(|hub| hub.connected).count();
-        self.metrics.hubs_seen.set(i64::try_from(hubs.len()).unwrap_or(i64::MAX));
-        self.metrics.hubs_connected.set(i64::try_from(connected).unwrap_or(i64::MAX));
-        self.hubs.send_if_modified(|current| {
-            let changed = *current != hubs;
+        let connected = members.iter().filter(|member| member.connected).count();
+        let (seen_gauge, connected_gauge) = match self.keys.kind {
+            MemberKind::Hub => (&self.metrics.hubs_seen, &self.metrics.hubs_connected),
+            MemberKind::LanAgent => {
+                (&self.metrics.lan_neighbours_seen, &self.metrics.lan_neighbours_connected)
+            }
+        };
+        seen_gauge.set(i64::try_from(members.len()).unwrap_or(i64::MAX));
+        connected_gauge.set(i64::try_from(connected).unwrap_or(i64::MAX));
+        self.members.send_if_modified(|current| {
+            let changed = *current != members;
             if changed {
-                *current = hubs;
+                *current = members;
             }
             changed
         });
@@ -737,11 +905,11 @@ async fn publish_frames(
                 let put = session.put(&key, bytes).congestion_control(CongestionControl::Block);
                 if let Err(error) = put.await {
                     metrics.publish_errors.inc();
-                    tracing::warn!(%error, %key, "backbone publish failed");
+                    tracing::warn!(%error, %key, "zenoh publish failed");
                 }
             }
             WriterMessage::Close(reason) => {
-                tracing::info!(%key, %reason, "backbone link closed by the node");
+                tracing::info!(%key, %reason, "zenoh link closed by the node");
                 break;
             }
         }
@@ -753,26 +921,40 @@ async fn publish_frames(
 mod tests {
     use super::*;
 
+    fn region() -> Region {
+        "eu-west".parse().unwrap()
+    }
+
+    fn hub(announcement: &Announcement) -> Membership {
+        Membership::Hub(announcement.clone())
+    }
+
+    fn lan(site: &str) -> Membership {
+        let collections = CollectionScope::only(["site".parse().unwrap()]);
+        Membership::LanAgent { site: site.into(), collections }
+    }
+
     fn keys() -> Keys {
-        Keys { fleet: "lab".into(), me: NodeId::from_bytes([1; 16]), incarnation: 0xabc }
+        let announcement = Announcement::new(region(), None).unwrap();
+        Keys::new("lab", &hub(&announcement), NodeId::from_bytes([1; 16]), 0xabc)
     }
 
     #[test]
     fn token_keys_round_trip_and_foreign_keys_are_ignored() {
         let keys = keys();
-        let region: Region = "eu-west".parse().unwrap();
+        let region = region();
         for address in [Some("hub-1.example:7700"), Some("[::1]:7700"), None] {
             let announced = Announcement::new(region.clone(), address.map(str::to_owned)).unwrap();
-            let (remote, parsed) = keys.parse_token(&keys.token(&announced)).unwrap();
+            let (remote, parsed) = keys.parse_token(&keys.token(&hub(&announced))).unwrap();
             assert_eq!(remote, RemoteKey { node_id: keys.me, incarnation: 0xabc });
-            assert_eq!(parsed, announced);
+            assert_eq!(parsed, Some(announced));
         }
         let announced = Announcement::new(region.clone(), None).unwrap();
-        let token = keys.token(&announced);
+        let token = keys.token(&hub(&announced));
+        assert!(token.starts_with("cairn/lab/hubs/"), "{token}");
         let (remote, parsed) = keys.parse_token(&token).unwrap();
-        let parsed_region = parsed.region;
         assert_eq!(remote, RemoteKey { node_id: keys.me, incarnation: 0xabc });
-        assert_eq!(parsed_region, region);
+        assert_eq!(parsed.map(|a| a.region), Some(region.clone()));
         assert!(keys.parse_token("cairn/other/hubs/x/y/z").is_none());
         assert!(keys.parse_token(&format!("{token}/extra")).is_none());
         assert!(keys.parse_token("cairn/lab/hubs/not-a-node/eu/1/-").is_none());
@@ -784,7 +966,7 @@ mod tests {
     #[test]
     fn frame_keys_name_sender_and_epoch_only_in_this_incarnations_inbox() {
         let me = keys();
-        let sender = Keys { fleet: "lab".into(), me: NodeId::from_bytes([2; 16]), incarnation: 7 };
+        let sender = Keys { me: NodeId::from_bytes([2; 16]), incarnation: 7, ..me.clone() };
         let to_me = RemoteKey { node_id: me.me, incarnation: me.incarnation };
         let key = sender.outbox(&to_me, 3);
         let (from, epoch) = me.parse_frame(&key).unwrap();
@@ -793,6 +975,36 @@ mod tests {
         // Addressed to an earlier run of this hub: not ours.
         let earlier = Keys { incarnation: 0xabb, ..me.clone() };
         assert!(earlier.parse_frame(&key).is_none());
+    }
+
+    #[test]
+    fn lan_keys_name_the_site_and_stay_apart_from_other_sites_and_hubs() {
+        let me = NodeId::from_bytes([3; 16]);
+        let lan_keys = Keys::new("lab", &lan("plant-7"), me, 0x5);
+        let token = lan_keys.token(&lan("plant-7"));
+        assert_eq!(token, format!("cairn/lab/lan/plant-7/agents/{me}/0000000000000005"));
+        let (remote, announced) = lan_keys.parse_token(&token).unwrap();
+        assert_eq!(remote, RemoteKey { node_id: me, incarnation: 5 });
+        assert_eq!(announced, None);
+        // Neither another site's agents nor the fleet's hubs are neighbours.
+        let other_site = Keys::new("lab", &lan("plant-8"), me, 0x5);
+        assert!(lan_keys.parse_token(&other_site.token(&lan("plant-8"))).is_none());
+        let hub_keys = keys();
+        let hub_token = hub_keys.token(&hub(&Announcement::new(region(), None).unwrap()));
+        assert!(lan_keys.parse_token(&hub_token).is_none());
+        assert!(hub_keys.parse_token(&token).is_none());
+        // Frames between LAN agents never land in a hub's inbox, nor in another site's.
+        let sender = Keys::new("lab", &lan("plant-7"), NodeId::from_bytes([4; 16]), 9);
+        let to_me = RemoteKey { node_id: me, incarnation: 5 };
+        let frame = sender.outbox(&to_me, 1);
+        assert_eq!(
+            lan_keys.parse_frame(&frame),
+            Some((RemoteKey { node_id: sender.me, incarnation: 9 }, 1))
+        );
+        let other_site_me = Keys::new("lab", &lan("plant-8"), me, 0x5);
+        assert!(other_site_me.parse_frame(&frame).is_none());
+        let hub_me = Keys { me, incarnation: 5, ..keys() };
+        assert!(hub_me.parse_frame(&frame).is_none());
     }
 
     #[test]
@@ -843,5 +1055,11 @@ mod tests {
             ..BackboneConfig::default()
         };
         assert!(tcp.zenoh_config().is_ok());
+        let error = BackboneConfig { lease_ms: 1, ..BackboneConfig::default() }
+            .validate_section("lan")
+            .unwrap_err();
+        assert!(error.to_string().contains("lan.lease_ms"), "{error}");
+        assert_eq!("router".parse::<BackboneMode>(), Ok(BackboneMode::Router));
+        assert!("bridge".parse::<BackboneMode>().is_err());
     }
 }

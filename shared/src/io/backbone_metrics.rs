@@ -1,5 +1,7 @@
-//! Prometheus metrics of the hub backbone (`cairn_backbone_*`). They live outside the
-//! backbone module so the registry has them in every build; without the backbone they stay 0.
+//! Prometheus metrics of the zenoh carrier (`cairn_backbone_*`): the hub backbone on hubs,
+//! the LAN mesh on agents (the sample and link counters count whichever the node runs). They
+//! live outside the backbone module so the registry has them in every build; without the
+//! carrier they stay 0.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -12,11 +14,15 @@ pub struct BackboneMetrics {
     pub hubs_seen: Gauge,
     /// Other hubs with an attached link that has carried frames from them.
     pub hubs_connected: Gauge,
+    /// Agents of the same site present on the LAN.
+    pub lan_neighbours_seen: Gauge,
+    /// Agents of the same site with an attached LAN link that has carried frames from them.
+    pub lan_neighbours_connected: Gauge,
     /// Samples handed to the node.
     pub samples_delivered: Counter,
     /// Samples larger than a frame may be, dropped.
     pub samples_oversized: Counter,
-    /// Samples from an ended link, or from a hub whose token never came, dropped.
+    /// Samples from an ended link, or from a member whose token never came, dropped.
     pub samples_dropped: Counter,
     /// Publications zenoh refused.
     pub publish_errors: Counter,
@@ -38,6 +44,16 @@ impl BackboneMetrics {
             "Other hubs whose backbone link carries frames",
             self.hubs_connected.clone(),
         );
+        registry.register(
+            "lan_neighbours_seen",
+            "Agents of the same site present on the LAN",
+            self.lan_neighbours_seen.clone(),
+        );
+        registry.register(
+            "lan_neighbours_connected",
+            "Agents of the same site whose LAN link carries frames",
+            self.lan_neighbours_connected.clone(),
+        );
         let counters = [
             ("samples_delivered", "Backbone samples handed to the node", &self.samples_delivered),
             (
@@ -47,7 +63,7 @@ impl BackboneMetrics {
             ),
             (
                 "samples_dropped",
-                "Backbone samples of ended links or unknown hubs, dropped",
+                "Backbone samples of ended links or unknown members, dropped",
                 &self.samples_dropped,
             ),
             ("publish_errors", "Backbone publications zenoh refused", &self.publish_errors),

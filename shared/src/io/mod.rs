@@ -10,6 +10,8 @@ pub mod driver;
 pub mod feed_api;
 pub mod job_runner;
 pub mod jobs_api;
+#[cfg(feature = "backbone")]
+pub mod lan;
 pub mod ops_http;
 pub mod profile;
 pub mod quic;
