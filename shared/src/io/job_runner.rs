@@ -164,7 +164,7 @@ struct Shared {
 }
 
 impl Jobs {
-    /// Sets up the runner (runs the speed benchmark, about 50 ms) without starting it.
+    /// Sets up the runner without starting it (the speed benchmark starts on its own thread).
     pub fn new(
         node: NodeHandle,
         reader: Arc<StoreReader>,

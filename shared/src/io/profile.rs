@@ -121,16 +121,37 @@ impl LinkMonitor {
 pub struct ProfileProbe {
     settings: ProfileSettings,
     link: LinkMonitor,
-    speed_score: f64,
+    speed: SpeedScore,
     cpu: CpuSampler,
 }
 
+/// The speed score: known, or being measured on a thread of its own.
+#[derive(Debug)]
+enum SpeedScore {
+    Known(f64),
+    Measuring(std::thread::JoinHandle<f64>),
+}
+
 impl ProfileProbe {
-    /// Runs the speed benchmark (blocking for [`BENCHMARK_DURATION`]) and takes a first CPU
-    /// sample.
+    /// Starts the speed benchmark on a thread of its own (it runs for
+    /// [`BENCHMARK_DURATION`], which would otherwise delay the node's start) and takes a first
+    /// CPU sample.
     pub fn new(settings: ProfileSettings, link: LinkMonitor) -> Self {
-        let speed_score = settings.overrides.speed_score.unwrap_or_else(speed_benchmark);
-        Self { settings, link, speed_score, cpu: CpuSampler::new() }
+        let speed = match settings.overrides.speed_score {
+            Some(score) => SpeedScore::Known(score),
+            None => SpeedScore::Measuring(std::thread::spawn(speed_benchmark)),
+        };
+        Self { settings, link, speed, cpu: CpuSampler::new() }
+    }
+
+    /// The speed score, waiting for the benchmark the first time if it is still running.
+    fn speed_score(&mut self) -> f64 {
+        let score = match std::mem::replace(&mut self.speed, SpeedScore::Known(MIN_SPEED_SCORE)) {
+            SpeedScore::Known(score) => score,
+            SpeedScore::Measuring(benchmark) => benchmark.join().unwrap_or(MIN_SPEED_SCORE),
+        };
+        self.speed = SpeedScore::Known(score);
+        score
     }
 
     /// The node's profile now. `queued_jobs` is its job load; `measured_at` the HLC time.
@@ -140,6 +161,7 @@ impl ProfileProbe {
         queued_jobs: u32,
         measured_at: u64,
     ) -> CapabilityProfile {
+        let speed_score = self.speed_score();
         let o = &self.settings.overrides;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let link = self.link();
@@ -149,7 +171,7 @@ impl ProfileProbe {
             role: self.settings.role,
             arch: std::env::consts::ARCH.to_owned(),
             cores: o.cores.unwrap_or(u32::try_from(cores).unwrap_or(u32::MAX)).max(1),
-            speed_score: self.speed_score.clamp(MIN_SPEED_SCORE, MAX_SPEED_SCORE),
+            speed_score: speed_score.clamp(MIN_SPEED_SCORE, MAX_SPEED_SCORE),
             memory_free_bytes: o.memory_free_bytes.or_else(memory_available).unwrap_or(0),
             storage_free_bytes: o
                 .storage_free_bytes
