@@ -78,6 +78,15 @@ async fn main() -> anyhow::Result<()> {
     if config.backbone.is_some() {
         tracing::warn!("this build has no backbone: the [backbone] section is ignored");
     }
+    #[cfg(feature = "backbone")]
+    let directory = tokio::spawn(advertise_hubs(
+        node.handle.clone(),
+        backbone.clone(),
+        node.identity.node_id,
+        config.region.clone(),
+        agent_address.clone(),
+        wait_for(stop_rx.clone()),
+    ));
     let topology = topology::Topology {
         node_id: node.identity.node_id,
         region: config.region.clone(),
@@ -127,6 +136,8 @@ async fn main() -> anyhow::Result<()> {
         .context("serving HTTP")?;
     tracing::info!("shutting down");
     let _ = acceptor.await;
+    #[cfg(feature = "backbone")]
+    let _ = directory.await;
     job_runner.stop().await;
     let _ = scaler.await;
     #[cfg(feature = "backbone")]
@@ -135,6 +146,46 @@ async fn main() -> anyhow::Result<()> {
     }
     node.stop().await.context("stopping the store")?;
     Ok(())
+}
+
+/// Keeps the hub directory the node advertises to its agents equal to the backbone's view:
+/// this hub, then the other hubs of its region, then the rest, each where its agents dial it.
+#[cfg(feature = "backbone")]
+async fn advertise_hubs(
+    node: cairn_shared::io::driver::NodeHandle,
+    backbone: Option<Arc<cairn_shared::io::backbone::Backbone>>,
+    node_id: cairn_shared::ids::NodeId,
+    region: cairn_shared::replication::Region,
+    agent_address: Option<String>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    use cairn_shared::message::HubInfo;
+    tokio::pin!(stop);
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = &mut stop => return,
+        }
+        let own = agent_address.clone().map(|addr| HubInfo {
+            node_id,
+            region: region.as_str().to_owned(),
+            addr,
+        });
+        let mut others: Vec<HubInfo> = backbone
+            .iter()
+            .flat_map(|backbone| backbone.hubs())
+            .filter_map(|hub| {
+                let addr = hub.agent_address?;
+                Some(HubInfo { node_id: hub.node_id, region: hub.region.as_str().to_owned(), addr })
+            })
+            .collect();
+        others.sort_by_key(|hub| (hub.region != region.as_str(), hub.region.clone(), hub.node_id));
+        let hubs: Vec<HubInfo> = own.into_iter().chain(others).collect();
+        if node.set_hub_directory(hubs).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Joins the hub backbone unless it is disabled.

@@ -143,6 +143,58 @@ fn an_agent_whose_hub_is_killed_moves_to_the_next_and_loses_nothing() -> anyhow:
     Ok(())
 }
 
+fn free_tcp_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A hub of region `a` on a backbone with the hubs listening on `connect`.
+fn backbone_hub(root: &Path, name: &str, listen: u16, connect: &[u16]) -> anyhow::Result<Hub> {
+    let endpoint = |port: &u16| format!("tcp/127.0.0.1:{port}");
+    let connect: Vec<String> = connect.iter().map(endpoint).collect();
+    let path = root.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "region = \"a\"\n[backbone]\nlisten = [\"{}\"]\nconnect = {connect:?}\n\
+             fleet = \"failover-test\"\nlease_ms = 1000\n",
+            endpoint(&listen)
+        ),
+    )?;
+    Hub::start_with(root, name, free_udp_port()?, &["--config".into(), path.display().to_string()])
+}
+
+#[test]
+fn an_agent_fails_over_to_a_hub_it_only_learned_from_its_own() -> anyhow::Result<()> {
+    let dir = TestDir::new("failover-learned")?;
+    let (port_a, port_b) = (free_tcp_port()?, free_tcp_port()?);
+    let hub_a = backbone_hub(dir.path(), "hub-a", port_a, &[port_b])?;
+    let hub_b = backbone_hub(dir.path(), "hub-b", port_b, &[port_a])?;
+    let id_b = hub_id(&hub_b)?;
+    // The agent is told of hub A only.
+    let extra = ["--config".into(), agent_config(dir.path())?];
+    let agent = Agent::start_with(dir.path(), "agent", hub_a.quic, &extra)?;
+    wait_for("hub A to advertise hub B to the agent", WAIT, || {
+        let status = agent.api.send("GET", "/v1/status", None).ok()?.body;
+        let advertised = status["hub"]["advertised_hubs"].as_array()?.clone();
+        advertised.iter().any(|hub| hub["node"] == Value::String(id_b.clone())).then_some(())
+    })?;
+    let doc = agent.api.create("failover", &json!({ "seen": { "before": true } }))?;
+    wait_for("the document on hub B through the backbone", WAIT, || hub_b.http.try_read(&doc))?;
+
+    hub_a.kill();
+    wait_for("the agent on the hub it learned of", WAIT, || {
+        (connected_hub(&agent.api) == Some(id_b.clone())).then_some(())
+    })?;
+    agent.api.edit(&doc, &json!([{ "op": "set", "path": ["seen", "after"], "value": true }]))?;
+    wait_for("the write made after the failover on hub B", WAIT, || {
+        let copy = hub_b.http.try_read(&doc)?;
+        (members(&copy.doc) == ["after", "before"]).then_some(())
+    })?;
+    agent.terminate()?;
+    hub_b.terminate()?;
+    Ok(())
+}
+
 fn sorted(mut heads: Vec<String>) -> Vec<String> {
     heads.sort();
     heads

@@ -76,6 +76,11 @@ impl HubSelector {
         Self { breakers: vec![Breaker::default(); hubs.max(1)], timing, consecutive_failures: 0 }
     }
 
+    /// Adds a hub, least preferred (one the connected hub advertised).
+    pub fn add_hub(&mut self) {
+        self.breakers.push(Breaker::default());
+    }
+
     /// How many hubs the selector chooses among.
     pub fn len(&self) -> usize {
         self.breakers.len()

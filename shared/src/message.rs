@@ -86,6 +86,12 @@ pub enum Message {
         /// Automerge's encoded sync message.
         sync_message: Vec<u8>,
     },
+    /// The hubs the sending hub knows, its own region's first: where an agent can go when
+    /// this hub fails. Replaces any earlier list from the same hub.
+    Hubs {
+        /// At most [`MAX_ADVERTISED_HUBS`].
+        hubs: Vec<HubInfo>,
+    },
     /// The sender does not hold this collection and will not sync it over this connection;
     /// the reason says where it lives. Both sides leave it out of their scope from then on.
     NotHeld {
@@ -123,6 +129,22 @@ pub enum Message {
         /// checked against the module's limits on decode.
         parts: Vec<CollectionReconcile>,
     },
+}
+
+/// Most hubs one [`Message::Hubs`] names.
+pub const MAX_ADVERTISED_HUBS: usize = 256;
+/// Longest region name or address in a [`HubInfo`], in bytes.
+pub const MAX_HUB_FIELD_BYTES: usize = 256;
+
+/// A hub as another hub advertises it to its agents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubInfo {
+    /// Its node id.
+    pub node_id: NodeId,
+    /// Its region.
+    pub region: String,
+    /// The QUIC address its agents dial (`host:port`).
+    pub addr: String,
 }
 
 /// One collection's part of a [`Message::Reconcile`].
@@ -259,6 +281,21 @@ fn check_limits(message: &Message) -> Result<(), DecodeError> {
         }
         Message::NotHeld { reason, .. } if reason.len() > MAX_REASON_BYTES => {
             Err(DecodeError::OverLimit(format!("a reason of {} bytes", reason.len())))
+        }
+        Message::Hubs { hubs } => {
+            if hubs.len() > MAX_ADVERTISED_HUBS {
+                return Err(DecodeError::OverLimit(format!(
+                    "{} hubs advertised, at most {MAX_ADVERTISED_HUBS}",
+                    hubs.len()
+                )));
+            }
+            let long = hubs.iter().any(|hub| {
+                hub.region.len() > MAX_HUB_FIELD_BYTES || hub.addr.len() > MAX_HUB_FIELD_BYTES
+            });
+            if long {
+                return Err(DecodeError::OverLimit("an advertised hub field is too long".into()));
+            }
+            Ok(())
         }
         Message::Hello { scope, .. } => {
             scope.validate().map_err(|error| DecodeError::OverLimit(error.to_string()))

@@ -11,7 +11,7 @@ use cairn_shared::config::SyncConfig;
 use cairn_shared::document::Document;
 use cairn_shared::frame::{encode_frame, FrameDecoder};
 use cairn_shared::ids::{DocId, NodeId};
-use cairn_shared::message::CollectionReconcile;
+use cairn_shared::message::{CollectionReconcile, HubInfo};
 use cairn_shared::message::{Envelope, Message, Role, PROTOCOL_VERSION};
 use cairn_shared::node::RequestError;
 use cairn_shared::node::{Input, Node, Output, Request, Response};
@@ -837,6 +837,27 @@ fn a_hub_refuses_a_collection_it_does_not_hold_and_says_where_it_lives() {
     assert_eq!(pair.nodes[0].ready_peers(), 1);
     let not_held = pair.sent.iter().filter(|(_, m, _)| matches!(m, Message::NotHeld { .. }));
     assert_eq!(not_held.count(), 1, "refused once per connection");
+}
+
+#[test]
+fn a_hub_tells_its_agents_which_hubs_exist_and_when_that_changes() {
+    let hub_info = |n: u8, region: &str| HubInfo {
+        node_id: NodeId::from_bytes([n; 16]),
+        region: region.into(),
+        addr: format!("127.0.0.1:77{n:02}"),
+    };
+    let mut pair = Pair::new([Vec::new(), Vec::new()]);
+    pair.nodes[0].set_hub_directory(vec![hub_info(1, "a"), hub_info(7, "a")]);
+    pair.connect();
+    assert_eq!(pair.nodes[1].learned_hubs(), [hub_info(1, "a"), hub_info(7, "a")]);
+    pair.nodes[0].set_hub_directory(vec![hub_info(1, "a"), hub_info(8, "b")]);
+    pair.run(Instant::now());
+    assert_eq!(pair.nodes[1].learned_hubs(), [hub_info(1, "a"), hub_info(8, "b")]);
+    // An unchanged directory is not sent again.
+    let before = pair.sent.len();
+    pair.nodes[0].set_hub_directory(vec![hub_info(1, "a"), hub_info(8, "b")]);
+    pair.run(Instant::now());
+    assert_eq!(pair.sent.len(), before);
 }
 
 #[test]

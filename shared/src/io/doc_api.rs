@@ -582,6 +582,13 @@ async fn status(State(state): State<ApiState>) -> Result<impl IntoResponse, ApiE
         "hub": {
             "connected": report.hub_connected,
             "id": report.hub.map(|id| id.to_string()),
+            "advertised_hubs": report.advertised_hubs.iter()
+                .map(|hub| json!({
+                    "node": hub.node_id.to_string(),
+                    "region": hub.region,
+                    "addr": hub.addr,
+                }))
+                .collect::<Vec<_>>(),
             "refused_collections": report.refused_collections.iter()
                 .map(|(peer, collection, reason)| json!({
                     "peer": peer.to_string(),

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::ids::NodeId;
-use crate::message::Role;
+use crate::message::{HubInfo, Role};
 use crate::node::RequestError;
 use crate::node::{ConnId, Input, Node, NodeStats, Output, Request, RequestId, Response};
 use crate::scope::{CollectionScope, HoldingRule};
@@ -70,6 +70,8 @@ pub struct NodeStatus {
     pub lag_to_hubs: Duration,
     /// Replication lag of the agent peer furthest behind (zero without agent peers).
     pub lag_to_agents: Duration,
+    /// The hubs the connected hub advertised (agents), where the agent may fail over to.
+    pub learned_hubs: Vec<HubInfo>,
 }
 
 #[derive(Debug)]
@@ -86,6 +88,7 @@ enum Command {
         writer: mpsc::Sender<WriterMessage>,
     },
     SetHolding(HoldingRule),
+    SetHubDirectory(Vec<HubInfo>),
     Shutdown,
 }
 
@@ -175,6 +178,11 @@ impl NodeHandle {
     /// Takes effect before any command sent after it.
     pub async fn set_holding(&self, rule: HoldingRule) -> Result<(), DriverError> {
         self.commands.send(Command::SetHolding(rule)).await.map_err(|_| DriverError::Stopped)
+    }
+
+    /// Sets the hubs this hub advertises to its agents (its own region's first).
+    pub async fn set_hub_directory(&self, hubs: Vec<HubInfo>) -> Result<(), DriverError> {
+        self.commands.send(Command::SetHubDirectory(hubs)).await.map_err(|_| DriverError::Stopped)
     }
 
     /// Asks the loop to stop after closing every connection.
@@ -296,6 +304,7 @@ impl Driver {
                 self.node.handle_input(now, Input::Connected { conn, peer, restrict });
             }
             Command::SetHolding(rule) => self.node.set_holding(rule),
+            Command::SetHubDirectory(hubs) => self.node.set_hub_directory(hubs),
             Command::Shutdown => return false,
         }
         true
@@ -356,6 +365,7 @@ impl Driver {
             admission_refusals: 0,
             lag_to_hubs: self.max_lag(Role::Hub),
             lag_to_agents: self.max_lag(Role::Agent),
+            learned_hubs: self.node.learned_hubs().to_vec(),
         };
         self.status.send_replace(status);
     }

@@ -316,7 +316,9 @@ pub async fn dial_hubs(
     let handshake_timeout = Duration::from_millis(timing.idle_timeout_ms.max(1));
     // A connection to a more preferred hub, opened while on another, is used next.
     let mut ready: Option<(usize, quinn::Connection)> = None;
+    let mut hubs = hubs;
     while node.is_running() {
+        learn_hubs(&node, &mut hubs, &mut selector);
         let (index, connection) = match ready.take() {
             Some(ready) => ready,
             None => {
@@ -374,6 +376,24 @@ pub async fn dial_hubs(
         }
     }
 }
+
+/// Adds the hubs the connected hub advertised that this agent does not know yet, after the
+/// configured ones, in the order the hub gave (its own region's first).
+fn learn_hubs(node: &NodeHandle, hubs: &mut Vec<HubAddress>, selector: &mut HubSelector) {
+    let server_name = hubs.first().map_or_else(default_server_name, |h| h.server_name.clone());
+    for learned in node.status().learned_hubs {
+        let Ok(addr) = learned.addr.parse::<SocketAddr>() else { continue };
+        if hubs.len() >= MAX_KNOWN_HUBS || hubs.iter().any(|h| h.addr == addr) {
+            continue;
+        }
+        tracing::info!(%addr, region = %learned.region, "learned a hub to fail over to");
+        hubs.push(HubAddress { addr, server_name: server_name.clone() });
+        selector.add_hub();
+    }
+}
+
+/// Most hubs an agent keeps in its list, configured and learned.
+const MAX_KNOWN_HUBS: usize = 64;
 
 /// Dials one hub, giving up after `timeout`.
 async fn connect(

@@ -441,7 +441,8 @@ impl Session {
             | Message::Reconcile { .. }
             | Message::Ping
             | Message::Pong
-            | Message::NotHeld { .. } => {}
+            | Message::NotHeld { .. }
+            | Message::Hubs { .. } => {}
         }
     }
 

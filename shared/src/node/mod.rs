@@ -24,13 +24,14 @@ use crate::config::SyncConfig;
 use crate::document::{heads_hex, Document, DocumentError};
 use crate::durability::HubAcks;
 use crate::ids::{Collection, DocId, NodeId};
-use crate::message::Role;
+use crate::message::{HubInfo, Role};
 use crate::peer::{Peer, PeerPhase};
 use crate::scope::HoldingRule;
 use crate::store_task::{IndexEntry, StoreReply, StoreTask, StoredDoc};
 
 mod cache;
 mod catalog;
+mod directory;
 mod heartbeat;
 mod holding;
 mod lag;
@@ -91,6 +92,10 @@ pub struct Node {
     parked_reads: BTreeMap<DocId, Vec<(RequestId, Request)>>,
     /// Which collections this node may hold at all (a hub: what its region holds).
     holding: Option<HoldingRule>,
+    /// The hubs this hub advertises to its agents.
+    hub_directory: Vec<HubInfo>,
+    /// The hubs a hub advertised to this agent.
+    learned_hubs: Vec<HubInfo>,
     /// Collections a peer said it does not hold, with its reason, by peer (for status).
     refused_by_peers: BTreeMap<NodeId, BTreeMap<Collection, String>>,
     stats: NodeStats,
@@ -140,6 +145,8 @@ impl Node {
             announced: BTreeSet::new(),
             sync_batches: BTreeMap::new(),
             holding: None,
+            hub_directory: Vec::new(),
+            learned_hubs: Vec::new(),
             refused_by_peers: BTreeMap::new(),
             stats: NodeStats::default(),
         }

@@ -142,6 +142,9 @@ impl Node {
                 }
                 peer.phase = PeerPhase::Ready(role);
                 peer.scope = peer.scope.intersect(&scope);
+                if role == Role::Agent {
+                    self.advertise_hubs(conn);
+                }
                 self.start_reconciliation(conn);
             }
             (_, Message::Refuse { reason, .. }) => {
@@ -159,6 +162,7 @@ impl Node {
                 self.on_doc_sync(conn, doc_id, collection, &sync_message)
             }
             (PeerPhase::Ready(_), Message::Ping) => self.send(conn, Message::Pong),
+            (PeerPhase::Ready(_), Message::Hubs { hubs }) => self.on_hubs(conn, hubs),
             (PeerPhase::Ready(_), Message::NotHeld { collection, reason }) => {
                 self.on_not_held(conn, collection, reason)
             }

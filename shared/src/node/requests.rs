@@ -49,6 +49,7 @@ impl Node {
                     lag.truncate(StatusReport::LAG_LISTED);
                     lag
                 },
+                advertised_hubs: self.learned_hubs().to_vec(),
                 refused_collections: self
                     .refused_by_peers()
                     .map(|(peer, collection, why)| (*peer, collection.clone(), why.to_owned()))

@@ -200,6 +200,8 @@ pub struct StatusReport {
     /// Collections connected peers said they do not hold: peer, collection, reason (where the
     /// collection lives).
     pub refused_collections: Vec<(NodeId, Collection, String)>,
+    /// The hubs the connected hub advertised, where this agent may fail over to.
+    pub advertised_hubs: Vec<crate::message::HubInfo>,
 }
 
 impl StatusReport {

@@ -81,6 +81,7 @@ pub fn describe(message: &Message) -> String {
         Message::DocSyncBatch { parts } => format!("sync of {} documents", parts.len()),
         Message::Compressed { deflated } => format!("compressed ({} bytes)", deflated.len()),
         Message::Ping => "ping".into(),
+        Message::Hubs { hubs } => format!("{} hubs", hubs.len()),
         Message::NotHeld { collection, .. } => format!("not held ({collection})"),
         Message::Pong => "pong".into(),
     }
