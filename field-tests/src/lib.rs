@@ -12,12 +12,14 @@ pub mod bench;
 pub mod fault_proxy;
 pub mod process;
 pub mod raw_peer;
+pub mod tcp_fault_proxy;
 
 use std::time::{Duration, Instant};
 
 pub use client::{ApiClient, ApiResponse, DocView};
 pub use fault_proxy::{fault_seed, Direction, FaultCounts, FaultProxy};
 pub use process::{free_udp_port, Agent, Hub, TestDir};
+pub use tcp_fault_proxy::{TcpFaultCounts, TcpFaultProxy};
 
 /// Polls `condition` until it returns `Some`, or fails after `timeout` naming `what`.
 ///
