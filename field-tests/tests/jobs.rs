@@ -51,9 +51,13 @@ fn submit(api: &ApiClient, job: &Value) -> anyhow::Result<Value> {
 }
 
 /// Waits until `api` reports the job's result, and returns the job.
+/// Waits until job `id` is done and its result has reached this node: the job record and the
+/// result document replicate separately, so one may arrive before the other.
 fn finished(api: &ApiClient, id: &str) -> anyhow::Result<Value> {
-    wait_for(&format!("job {id} to finish"), PATIENCE, || {
-        get(api, &format!("/v1/jobs/{id}")).filter(|job| job["reported"]["state"] == "done")
+    wait_for(&format!("job {id} to finish and its result to arrive"), PATIENCE, || {
+        get(api, &format!("/v1/jobs/{id}")).filter(|job| {
+            job["reported"]["state"] == "done" && !job["reported"]["output"].is_null()
+        })
     })
 }
 
