@@ -117,7 +117,7 @@ pub enum Durability {
     Local,
     /// Committed by the hub.
     Hub,
-    /// Committed in this many regions (refused by nodes until hubs replicate).
+    /// Committed by hubs in this many regions (at most 255).
     Regions(u32),
 }
 
@@ -146,6 +146,12 @@ impl WriteOptions {
         Self { durability: Durability::Hub, timeout: Some(timeout) }
     }
 
+    /// Answered once hubs in `regions` regions have committed the write, or with `202` after
+    /// `timeout`.
+    pub fn regions(regions: u32, timeout: Duration) -> Self {
+        Self { durability: Durability::Regions(regions), timeout: Some(timeout) }
+    }
+
     fn query(&self) -> Vec<(&'static str, String)> {
         let mut query = vec![("durability", self.durability.to_string())];
         if let Some(timeout) = self.timeout {
@@ -156,13 +162,17 @@ impl WriteOptions {
 }
 
 /// Which durability levels a write has reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DurabilityReport {
     /// Committed on the device.
     pub local: bool,
     /// Committed by the hub (`None` when a local write did not ask).
     #[serde(default)]
     pub hub: Option<bool>,
+    /// Regions whose hubs have committed it, as far as the node knows (empty when a local
+    /// write did not ask).
+    #[serde(default)]
+    pub regions: Vec<String>,
 }
 
 /// The answer to a write.

@@ -44,6 +44,8 @@ async fn main() -> anyhow::Result<()> {
         policy.check(&region, collection.as_str()).map_err(|refusal| refusal.to_string())
     });
     node.handle.set_holding(holding).await.context("applying the replication policy")?;
+    let own_region = config.region.as_str().to_owned();
+    node.handle.set_regions(own_region, Default::default()).await.context("setting the region")?;
     let endpoint = quic::server_endpoint(&node.identity, config.listen, &config.link)
         .context("binding the QUIC endpoint")?;
     let quic_addr = endpoint.local_addr()?;
@@ -172,9 +174,14 @@ async fn advertise_hubs(
             region: region.as_str().to_owned(),
             addr,
         });
-        let mut others: Vec<HubInfo> = backbone
-            .iter()
-            .flat_map(|backbone| backbone.hubs())
+        let remote: Vec<_> = backbone.iter().flat_map(|backbone| backbone.hubs()).collect();
+        // Every hub's region counts for `regions:N` durability, whether agents can dial it or not.
+        let regions = remote.iter().map(|hub| (hub.node_id, hub.region.as_str().to_owned()));
+        if node.set_regions(region.as_str().to_owned(), regions.collect()).await.is_err() {
+            return;
+        }
+        let mut others: Vec<HubInfo> = remote
+            .into_iter()
             .filter_map(|hub| {
                 let addr = hub.agent_address?;
                 Some(HubInfo { node_id: hub.node_id, region: hub.region.as_str().to_owned(), addr })

@@ -2,7 +2,8 @@
 //! `b` with one, joined over TCP on 127.0.0.1 with explicit endpoints (no multicast). A write
 //! on an agent of one hub reaches agents of the other hubs; every replica ends with the same
 //! heads and JSON; a hub killed with SIGKILL converges again after its restart; a hub refuses
-//! a collection its region does not hold and names where it lives.
+//! a collection its region does not hold and names where it lives; a write that asks for two
+//! regions is answered once hubs of both have committed it.
 
 use std::collections::BTreeSet;
 use std::net::TcpListener;
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use field_tests::client::WriteOptions;
 use field_tests::{free_udp_port, wait_for, Agent, ApiClient, DocView, Hub, TestDir};
 use serde_json::{json, Value};
 
@@ -133,6 +135,22 @@ fn hubs_in_two_regions_converge_over_the_backbone_and_after_a_crash() -> anyhow:
     let doc = converged(&replicas, &id, Some(&b_heads))?;
     assert_eq!(doc, json!({"title": "from a1", "count": 2, "from_b": true}));
 
+    // A write that asks for two regions is answered once hubs of both have committed it; one
+    // that asks for three, of which only two exist, is answered 202 naming the two.
+    let two = WriteOptions::regions(2, WAIT);
+    let set = |value: i64| json!([{"op": "set", "path": ["regional"], "value": value}]);
+    let written = agent_a1.api.edit_with(&id, &set(1), two)?;
+    assert!(written.reached, "{written:?}");
+    assert_eq!(written.durability.map(|d| d.regions), Some(vec!["a".into(), "b".into()]));
+    let three = WriteOptions::regions(3, Duration::from_millis(1500));
+    let written = agent_a1.api.edit_with(&id, &set(2), three)?;
+    assert!(!written.reached && written.status_url.is_some(), "{written:?}");
+    let regions = wait_for("the status to name both regions", WAIT, || {
+        let levels = agent_a1.api.durability(&id, &written.heads).ok()?;
+        (levels.regions.len() == 2).then_some(levels.regions)
+    })?;
+    assert_eq!(regions, vec!["a".to_owned(), "b".to_owned()]);
+
     // A hub killed with SIGKILL misses writes, then converges again after its restart.
     a2.kill();
     let more = agent_a1.api.create("notes", &json!({"written": "while a2 was down"}))?;
@@ -153,7 +171,8 @@ fn hubs_in_two_regions_converge_over_the_backbone_and_after_a_crash() -> anyhow:
     ];
     let doc = converged(&replicas, &id, None)?;
     let expected = json!({
-        "title": "from a1", "count": 3, "from_b": true, "after_crash": "b", "offline_a2": true
+        "title": "from a1", "count": 3, "from_b": true, "after_crash": "b", "offline_a2": true,
+        "regional": 2
     });
     assert_eq!(doc, expected);
     let written = converged(&replicas, &more, None)?;
@@ -216,11 +235,17 @@ fn a_frozen_hub_leaves_the_backbone_and_converges_when_it_thaws() -> anyhow::Res
     let left = wait_for("hub x to see hub y leave", WAIT, || {
         listed_incarnations(&x.http).filter(|hubs| hubs.is_empty())
     });
-    let written =
-        agent_x.api.edit(&id, &json!([{"op": "set", "path": ["phase"], "value": "apart"}]));
+    // A write asking for both regions is answered 202 with region a alone.
+    let both = WriteOptions::regions(2, Duration::from_millis(1500));
+    let apart = json!([{"op": "set", "path": ["phase"], "value": "apart"}]);
+    let written = agent_x.api.edit_with(&id, &apart, both);
     signal(y.pid(), "CONT")?;
     left?;
-    let heads = written?;
+    let written = written?;
+    assert!(!written.reached, "{written:?}");
+    let regions = written.durability.as_ref().map(|d| d.regions.clone());
+    assert_eq!(regions, Some(vec!["a".to_owned()]), "{written:?}");
+    let heads = written.heads.clone();
 
     // Thawed, the same run of hub y comes back and every replica converges.
     wait_for("hub x to see the same run of hub y again", WAIT, || {
@@ -234,5 +259,10 @@ fn a_frozen_hub_leaves_the_backbone_and_converges_when_it_thaws() -> anyhow::Res
     ];
     let doc = converged(&replicas, &id, Some(&heads))?;
     assert_eq!(doc, json!({"phase": "apart"}));
+    // Thawed, region b commits the write too, and its status says so.
+    wait_for("the write's status to name both regions", WAIT, || {
+        let levels = agent_x.api.durability(&id, &heads).ok()?;
+        (levels.regions == ["a", "b"]).then_some(())
+    })?;
     Ok(())
 }

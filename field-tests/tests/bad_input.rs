@@ -181,7 +181,7 @@ fn create_refuses_what_is_not_a_json_object_in_a_valid_collection() {
     f.refused_json("POST", &format!("{docs}?colour=red"), &ok, 400, "bad_query");
     f.refused_json("POST", &format!("{docs}?timeout_ms=soon"), &ok, 400, "bad_query");
     f.refused_json("POST", &format!("{docs}?durability=eventually"), &ok, 400, "bad_durability");
-    f.refused_json("POST", &format!("{docs}?durability=regions:2"), &ok, 400, "bad_durability");
+    f.refused_json("POST", &format!("{docs}?durability=regions:0"), &ok, 400, "bad_durability");
     f.refused_oversized(docs, oversized_json());
     let page = f.api().list("notes", None, 100).unwrap();
     assert_eq!(page.docs.len(), 1, "only the fixture document exists: {page:?}");
@@ -269,7 +269,7 @@ fn edit_refuses_unknown_documents_and_ops_that_do_not_fit() {
     f.refused("POST", &path, Some(b"{\"ops\": ["), 400, "bad_json");
     f.refused("POST", &path, None, 400, "bad_json");
     let regions =
-        json!({"ops": [{"op": "set", "path": ["x"], "value": 1}], "durability": "regions:2"});
+        json!({"ops": [{"op": "set", "path": ["x"], "value": 1}], "durability": "regions:999"});
     f.refused_json("POST", &path, &regions, 400, "bad_durability");
     let big = json!({"ops": [{"op": "set", "path": ["blob"], "value": "x".repeat(OVERSIZED)}]});
     f.refused_oversized(&path, big.to_string().into_bytes());

@@ -41,7 +41,7 @@ fn write_round(api: &ApiClient, round: usize, doc: &str) -> Written {
         api.edit_with(doc, &ops, hub_durable()).unwrap()
     };
     assert!(written.reached, "round {round}: the hub did not confirm in time: {written:?}");
-    let levels = written.durability.unwrap();
+    let levels = written.durability.clone().unwrap();
     assert!(levels.local && levels.hub == Some(true), "round {round}: {levels:?}");
     assert!(written.status_url.is_none());
     written
@@ -102,12 +102,12 @@ fn get_json(api: &ApiClient, path: &str) -> Value {
 /// The 202 answer of a hub write the hub did not confirm within `timeout`.
 fn check_unconfirmed(api: &ApiClient, written: &Written) -> String {
     assert!(!written.reached, "{written:?}");
-    let levels = written.durability.unwrap();
+    let levels = written.durability.clone().unwrap();
     assert!(levels.local && levels.hub == Some(false), "{written:?}");
     // The write happened anyway.
     assert_eq!(api.read(&written.id).unwrap().unwrap().heads, written.heads);
     let url = written.status_url.clone().expect("a 202 says where to poll");
-    assert_eq!(get_json(api, &url), json!({"local": true, "hub": false}));
+    assert_eq!(get_json(api, &url), json!({"local": true, "hub": false, "regions": []}));
     let levels = api.durability(&written.id, &written.heads).unwrap();
     assert_eq!((levels.local, levels.hub), (true, Some(false)));
     url
@@ -115,7 +115,8 @@ fn check_unconfirmed(api: &ApiClient, written: &Written) -> String {
 
 fn wait_until_confirmed(api: &ApiClient, status_url: &str) {
     wait_for("the status to turn hub: true", DEADLINE, || {
-        (get_json(api, status_url) == json!({"local": true, "hub": true})).then_some(())
+        let status = get_json(api, status_url);
+        (status["local"] == json!(true) && status["hub"] == json!(true)).then_some(())
     })
     .unwrap();
 }
@@ -186,17 +187,25 @@ fn an_edit_made_during_a_hub_outage_is_confirmed_after_the_hub_returns() {
 }
 
 #[test]
-fn durability_levels_the_nodes_cannot_provide_are_refused() {
+fn a_regions_write_without_a_hub_answers_202_and_a_level_out_of_range_is_refused() {
     let dir = TestDir::new("concern-regions").unwrap();
     let nowhere = SocketAddr::from(([127, 0, 0, 1], free_udp_port().unwrap()));
     let a = Agent::start(dir.path(), "agent-a", nowhere).unwrap();
     let id = a.api.create("orders", &json!({"n": 0})).unwrap();
-    let before = (a.api.status().unwrap(), a.api.read(&id).unwrap());
-    let regions = WriteOptions { durability: Durability::Regions(2), timeout: None };
-    let error = a.api.create_with("orders", &json!({"n": 1}), regions).unwrap_err();
-    assert_eq!((error.status(), error.code()), (Some(400), Some("bad_durability")), "{error}");
+    // No hub, so no region: the write happens and is answered 202 at the deadline.
+    let regions = WriteOptions::regions(2, Duration::from_millis(300));
     let ops = json!([{"op": "set", "path": ["n"], "value": 1}]);
-    let error = a.api.edit_with(&id, &ops, regions).unwrap_err();
+    let written = a.api.edit_with(&id, &ops, regions).unwrap();
+    assert!(!written.reached && written.status_url.is_some(), "{written:?}");
+    let levels = written.durability.clone().unwrap();
+    assert!(levels.local && levels.regions.is_empty(), "{written:?}");
+    assert_eq!(a.api.read(&id).unwrap().unwrap().heads, written.heads);
+
+    let before = (a.api.status().unwrap(), a.api.read(&id).unwrap());
+    let too_many = WriteOptions { durability: Durability::Regions(256), timeout: None };
+    let error = a.api.create_with("orders", &json!({"n": 2}), too_many).unwrap_err();
+    assert_eq!((error.status(), error.code()), (Some(400), Some("bad_durability")), "{error}");
+    let error = a.api.edit_with(&id, &ops, too_many).unwrap_err();
     assert_eq!((error.status(), error.code()), (Some(400), Some("bad_durability")), "{error}");
     let after = (a.api.status().unwrap(), a.api.read(&id).unwrap());
     assert_eq!(

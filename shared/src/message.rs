@@ -129,7 +129,32 @@ pub enum Message {
         /// checked against the module's limits on decode.
         parts: Vec<CollectionReconcile>,
     },
+    /// An agent waits for a write to reach `regions` regions: the hub answers with a
+    /// [`Message::HeldInRegions`] now and again whenever more regions hold the heads, until
+    /// that many do or the connection closes.
+    WatchRegions {
+        /// The document.
+        doc_id: DocId,
+        /// The heads the write produced; at most [`MAX_WATCHED_HEADS`].
+        heads: Vec<[u8; 32]>,
+        /// How many regions the writer waits for.
+        regions: u8,
+    },
+    /// The regions whose hubs have committed every change up to `heads`, as far as the
+    /// sending hub knows; the answer to a [`Message::WatchRegions`].
+    HeldInRegions {
+        /// The document.
+        doc_id: DocId,
+        /// The heads asked about.
+        heads: Vec<[u8; 32]>,
+        /// At most [`MAX_ADVERTISED_HUBS`] region names.
+        regions: Vec<String>,
+    },
 }
+
+/// Most heads one [`Message::WatchRegions`] names (a document's heads are its concurrent
+/// tips, rarely more than a few).
+pub const MAX_WATCHED_HEADS: usize = 64;
 
 /// Most hubs one [`Message::Hubs`] names.
 pub const MAX_ADVERTISED_HUBS: usize = 256;
@@ -296,6 +321,20 @@ fn check_limits(message: &Message) -> Result<(), DecodeError> {
                 return Err(DecodeError::OverLimit("an advertised hub field is too long".into()));
             }
             Ok(())
+        }
+        Message::WatchRegions { heads, .. } | Message::HeldInRegions { heads, .. }
+            if heads.len() > MAX_WATCHED_HEADS =>
+        {
+            Err(DecodeError::OverLimit(format!(
+                "{} heads watched, at most {MAX_WATCHED_HEADS}",
+                heads.len()
+            )))
+        }
+        Message::HeldInRegions { regions, .. }
+            if regions.len() > MAX_ADVERTISED_HUBS
+                || regions.iter().any(|r| r.len() > MAX_HUB_FIELD_BYTES) =>
+        {
+            Err(DecodeError::OverLimit(format!("a list of {} regions", regions.len())))
         }
         Message::Hello { scope, .. } => {
             scope.validate().map_err(|error| DecodeError::OverLimit(error.to_string()))

@@ -840,6 +840,43 @@ fn a_hub_refuses_a_collection_it_does_not_hold_and_says_where_it_lives() {
 }
 
 #[test]
+fn a_hub_answers_region_watches_and_holds_a_bounded_number_per_peer() {
+    let now = Instant::now();
+    let mut hub = node();
+    hub.set_regions("a".into(), []);
+    with_document(&mut hub, now);
+    connect(&mut hub, now);
+    let held = DocId::from_slice(&[3; 16]).unwrap();
+    let heads: Vec<[u8; 32]> =
+        hub.documents().next().unwrap().1.doc.get_heads().iter().map(|h| h.0).collect();
+    let watch = |doc_id, heads: Vec<[u8; 32]>| {
+        frame(Message::WatchRegions { doc_id, heads, regions: 1 }, fixed_clock())
+    };
+    // Heads the hub has committed: answered with its region at once, and nothing kept.
+    hub.handle_input(now, Input::Received { conn: CONN, bytes: watch(held, heads) });
+    let answers = sent_messages(&drain(&mut hub));
+    assert!(
+        answers
+            .iter()
+            .any(|m| matches!(m, Message::HeldInRegions { regions, .. } if regions == &["a"])),
+        "{answers:?}"
+    );
+    assert_eq!(hub.region_watch_count(), 0);
+    // Heads it has never seen: each watch is answered with no region and kept, up to a bound.
+    for n in 0..1_100u32 {
+        let mut id = [9u8; 16];
+        id[..4].copy_from_slice(&n.to_be_bytes());
+        let doc_id = DocId::from_slice(&id).unwrap();
+        hub.handle_input(now, Input::Received { conn: CONN, bytes: watch(doc_id, vec![[7; 32]]) });
+    }
+    let answers = sent_messages(&drain(&mut hub));
+    assert_eq!(answers.len(), 1_100);
+    assert!(hub.region_watch_count() <= 1_024, "{}", hub.region_watch_count());
+    hub.handle_input(now, Input::Disconnected { conn: CONN });
+    assert_eq!(hub.region_watch_count(), 0, "a closed connection's watches go with it");
+}
+
+#[test]
 fn a_hub_tells_its_agents_which_hubs_exist_and_when_that_changes() {
     let hub_info = |n: u8, region: &str| HubInfo {
         node_id: NodeId::from_bytes([n; 16]),

@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use cairn_shared::config::SyncConfig;
+use cairn_shared::durability::Durability;
 use cairn_shared::frame::{encode_frame, FrameDecoder};
 use cairn_shared::ids::DocId;
 use cairn_shared::io::driver::{NodeHandle, WriterMessage, CONNECTION_QUEUE_CAPACITY};
@@ -376,7 +377,8 @@ fn seed_shared_doc(
             LinkTiming::default(),
         ));
         let deadline = std::time::Instant::now() + SETTLE_TIMEOUT;
-        let request = Request::AwaitHub { doc_id: shared, heads: seed.heads.clone(), deadline };
+        let (heads, level) = (seed.heads.clone(), Durability::Hub);
+        let request = Request::AwaitDurable { doc_id: shared, heads, level, deadline };
         let reached =
             matches!(seed.node.handle.request(request).await?, Response::Durability(r) if r.hub);
         anyhow::ensure!(reached, "the hub did not take the shared document in {SETTLE_TIMEOUT:?}");
@@ -463,9 +465,10 @@ async fn watch_agent(
     deadline: tokio::time::Instant,
     progress: Arc<Progress>,
 ) -> AgentTimes {
-    let request = Request::AwaitHub {
+    let request = Request::AwaitDurable {
         doc_id: target.doc_id,
         heads: target.heads.clone(),
+        level: Durability::Hub,
         deadline: deadline.into_std(),
     };
     let handle = target.handle.clone();

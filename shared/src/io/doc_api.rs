@@ -252,20 +252,14 @@ impl WriteQuery {
             })?,
             None => Durability::Local,
         };
-        if let Durability::Regions(_) = level {
-            return Err(ApiError::bad_request(
-                "bad_durability",
-                DurabilityError::Unavailable(level).to_string(),
-            ));
-        }
         let timeout =
             self.timeout_ms.map(Duration::from_millis).unwrap_or(DEFAULT_DURABILITY_TIMEOUT);
         Ok((level, timeout.min(MAX_DURABILITY_TIMEOUT)))
     }
 }
 
-/// Answers a committed write: at once for `local`; for `hub` once a hub has it, or `202` at
-/// the deadline with where to ask again. The write has happened either way.
+/// Answers a committed write: at once for `local`; for `hub` or `regions:N` once that many
+/// hold it, or `202` at the deadline with where to ask again. The write has happened either way.
 async fn answer_write(
     node: &NodeHandle,
     doc_id: DocId,
@@ -279,16 +273,20 @@ async fn answer_write(
         return Ok((done, Json(body)).into_response());
     }
     let deadline = std::time::Instant::now() + timeout;
-    let request = Request::AwaitHub { doc_id, heads: heads.clone(), deadline };
+    let request = Request::AwaitDurable { doc_id, heads: heads.clone(), level, deadline };
     let node::Response::Durability(report) = node.request(request).await? else {
         return Err(ApiError::internal("unexpected answer to a durability request"));
     };
-    body["durability"] = json!({"local": report.local, "hub": report.hub});
-    if report.hub {
+    body["durability"] = report_json(&report);
+    if report.meets(level) {
         return Ok((done, Json(body)).into_response());
     }
     body["status_url"] = json!(format!("/v1/docs/{doc_id}/durability?heads={}", heads.join(",")));
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+fn report_json(report: &node::DurabilityReport) -> Value {
+    json!({"local": report.local, "hub": report.hub, "regions": report.regions})
 }
 
 /// Heads to ask about, comma-separated.
@@ -306,11 +304,14 @@ async fn durability(
     let doc_id = parse_doc_id(&id)?;
     let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
     let heads = split_heads(&query.heads);
-    let request = Request::AwaitHub { doc_id, heads, deadline: std::time::Instant::now() };
+    // Asking about every region also asks the hub again, so a later look knows more.
+    let level = Durability::Regions(u8::MAX);
+    let request =
+        Request::AwaitDurable { doc_id, heads, level, deadline: std::time::Instant::now() };
     let node::Response::Durability(report) = node.request(request).await? else {
         return Err(ApiError::internal("unexpected answer to a durability request"));
     };
-    Ok(Json(json!({"local": report.local, "hub": report.hub})))
+    Ok(Json(report_json(&report)))
 }
 
 async fn create(

@@ -89,6 +89,10 @@ enum Command {
     },
     SetHolding(HoldingRule),
     SetHubDirectory(Vec<HubInfo>),
+    SetRegions {
+        own: String,
+        hubs: BTreeMap<NodeId, String>,
+    },
     Shutdown,
 }
 
@@ -183,6 +187,17 @@ impl NodeHandle {
     /// Sets the hubs this hub advertises to its agents (its own region's first).
     pub async fn set_hub_directory(&self, hubs: Vec<HubInfo>) -> Result<(), DriverError> {
         self.commands.send(Command::SetHubDirectory(hubs)).await.map_err(|_| DriverError::Stopped)
+    }
+
+    /// Sets the region this hub serves and the regions of the hubs it replicates with, which
+    /// `regions:N` durability counts.
+    pub async fn set_regions(
+        &self,
+        own: String,
+        hubs: BTreeMap<NodeId, String>,
+    ) -> Result<(), DriverError> {
+        let command = Command::SetRegions { own, hubs };
+        self.commands.send(command).await.map_err(|_| DriverError::Stopped)
     }
 
     /// Asks the loop to stop after closing every connection.
@@ -305,6 +320,7 @@ impl Driver {
             }
             Command::SetHolding(rule) => self.node.set_holding(rule),
             Command::SetHubDirectory(hubs) => self.node.set_hub_directory(hubs),
+            Command::SetRegions { own, hubs } => self.node.set_regions(own, hubs),
             Command::Shutdown => return false,
         }
         true

@@ -442,7 +442,9 @@ impl Session {
             | Message::Ping
             | Message::Pong
             | Message::NotHeld { .. }
-            | Message::Hubs { .. } => {}
+            | Message::Hubs { .. }
+            | Message::WatchRegions { .. }
+            | Message::HeldInRegions { .. } => {}
         }
     }
 

@@ -37,6 +37,7 @@ mod holding;
 mod lag;
 mod peering;
 mod reconciling;
+mod regions;
 mod requests;
 mod types;
 
@@ -98,6 +99,14 @@ pub struct Node {
     learned_hubs: Vec<HubInfo>,
     /// Collections a peer said it does not hold, with its reason, by peer (for status).
     refused_by_peers: BTreeMap<NodeId, BTreeMap<Collection, String>>,
+    /// The region this hub serves, once told.
+    region: Option<String>,
+    /// The regions of the other hubs, by node id.
+    hub_regions: BTreeMap<NodeId, String>,
+    /// Who waits to hear which regions hold heads of a document.
+    region_watches: BTreeMap<DocId, Vec<regions::RegionWatch>>,
+    /// Watches held per connection, which [`regions`] bounds.
+    watches_per_peer: BTreeMap<ConnId, usize>,
     stats: NodeStats,
 }
 
@@ -148,6 +157,10 @@ impl Node {
             hub_directory: Vec::new(),
             learned_hubs: Vec::new(),
             refused_by_peers: BTreeMap::new(),
+            region: None,
+            hub_regions: BTreeMap::new(),
+            region_watches: BTreeMap::new(),
+            watches_per_peer: BTreeMap::new(),
             stats: NodeStats::default(),
         }
     }
@@ -258,6 +271,7 @@ impl Node {
         [
             self.next_anti_entropy,
             self.hub_acks.next_deadline(),
+            self.next_region_deadline(),
             hello_deadline,
             self.next_heartbeat(),
         ]
@@ -280,13 +294,14 @@ impl Node {
             self.refuse(conn, "no hello in time".into());
         }
         self.run_heartbeats(now);
-        for request in self.hub_acks.expired(now) {
-            let report = DurabilityReport { local: true, hub: false };
+        for wait in self.hub_acks.expired(now) {
+            let report = self.durability_report(wait.doc_id, &wait.heads);
             self.outputs.push_back(Output::Respond {
-                id: request,
+                id: wait.request,
                 result: Ok(Response::Durability(report)),
             });
         }
+        self.expire_region_watches(now);
         match self.next_anti_entropy {
             Some(due) if due <= now => {}
             _ => return,
@@ -397,6 +412,7 @@ impl Node {
                 }
                 self.catalog.record(doc_id, entry);
                 self.committed(doc_id);
+                self.recheck_regions(doc_id);
             }
             (Some(Pending::Load { doc_id }), StoreReply::Loaded(stored, sync_states)) => {
                 self.on_loaded(doc_id, stored, sync_states);

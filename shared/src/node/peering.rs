@@ -7,7 +7,7 @@ use automerge::sync::{self, SyncDoc};
 use automerge::ChangeHash;
 
 use super::cache::{Deferred, Residence};
-use super::{ConnId, DurabilityReport, Node, Output, Pending, Response};
+use super::{ConnId, Node, Output, Pending, Response};
 use crate::document::{guarded, heads_digest, Document, DocumentError};
 use crate::frame::encode_frame;
 use crate::ids::{Collection, DocId, NodeId};
@@ -53,6 +53,7 @@ impl Node {
     /// Forgets the peer, and any empty placeholder only a departing client had asked for, so
     /// clients naming documents that never arrive cannot grow memory.
     pub(super) fn on_disconnected(&mut self, conn: ConnId) {
+        self.forget_region_watches(conn);
         let Some(peer) = self.peers.remove(&conn) else { return };
         if peer.replicates_everything() {
             if !self.peers.values().any(|p| p.node_id == peer.node_id) {
@@ -145,6 +146,9 @@ impl Node {
                 if role == Role::Agent {
                     self.advertise_hubs(conn);
                 }
+                if role == Role::Hub && self.role != Role::Hub {
+                    self.rewatch_regions(conn);
+                }
                 self.start_reconciliation(conn);
             }
             (_, Message::Refuse { reason, .. }) => {
@@ -167,6 +171,12 @@ impl Node {
                 self.on_not_held(conn, collection, reason)
             }
             (PeerPhase::Ready(_), Message::Pong) => {} // Hearing it was the point.
+            (PeerPhase::Ready(_), Message::WatchRegions { doc_id, heads, regions }) => {
+                self.on_watch_regions(conn, doc_id, heads, regions)
+            }
+            (PeerPhase::Ready(_), Message::HeldInRegions { doc_id, heads, regions }) => {
+                self.on_held_in_regions(conn, doc_id, heads, regions)
+            }
             (PeerPhase::Ready(_), Message::DocSyncBatch { parts }) => {
                 for DocSyncPart { doc_id, collection, sync_message } in parts {
                     if !self.peers.contains_key(&conn) {
@@ -345,6 +355,7 @@ impl Node {
         }
         if let Some(heads) = hub_heads {
             self.hub_advertised(doc_id, heads);
+            self.recheck_regions(doc_id);
         }
         if changed {
             self.persist(doc_id, &before, origin, None);
@@ -371,9 +382,14 @@ impl Node {
     /// Notes the heads a hub advertised, and answers the writes they make hub-durable.
     pub(super) fn hub_advertised(&mut self, doc_id: DocId, heads: Vec<ChangeHash>) {
         self.hub_acks.record(doc_id, heads, self.hlc.new_timestamp());
+        self.answer_durability_waits(doc_id);
+    }
+
+    /// Answers the writes to `doc_id` that are now as durable as they asked.
+    pub(super) fn answer_durability_waits(&mut self, doc_id: DocId) {
         let Some(document) = self.documents.get(&doc_id) else { return };
-        for request in self.hub_acks.satisfied(&doc_id, &document.doc) {
-            let report = DurabilityReport { local: true, hub: true };
+        for (request, heads) in self.hub_acks.satisfied(&doc_id, &document.doc) {
+            let report = self.durability_report(doc_id, &heads);
             self.outputs.push_back(Output::Respond {
                 id: request,
                 result: Ok(Response::Durability(report)),

@@ -5,10 +5,9 @@ use std::time::Instant;
 use automerge::{Automerge, ChangeHash, LoadOptions, OnPartialLoad, ReadDoc};
 
 use super::cache::{Deferred, Residence};
-use super::{
-    DurabilityReport, Node, Output, Request, RequestError, RequestId, Response, StatusReport,
-};
+use super::{Node, Output, Request, RequestError, RequestId, Response, StatusReport};
 use crate::document::{guarded, heads_hex, Document, DocumentError};
+use crate::durability::Durability;
 use crate::ids::{Collection, DocId};
 use crate::message::Role;
 use crate::ops::{apply_ops, Op};
@@ -56,8 +55,8 @@ impl Node {
                     .collect(),
             }))),
             Request::Exists { doc_id } => Some(self.exists(doc_id)),
-            Request::AwaitHub { doc_id, heads, deadline } => {
-                self.await_hub(now, id, doc_id, &heads, deadline)
+            Request::AwaitDurable { doc_id, heads, level, deadline } => {
+                self.await_durable(now, id, doc_id, &heads, level, deadline)
             }
             Request::Create { doc_id, collection, ops } => {
                 self.create(id, doc_id, collection, &ops)
@@ -126,14 +125,16 @@ impl Node {
         }
     }
 
-    /// Answers at once when the heads are already hub-durable (or this node is a hub), else
-    /// parks the request until a hub advertises them or the deadline passes.
-    pub(super) fn await_hub(
+    /// Answers at once when the heads are already as durable as `level` asks, else parks the
+    /// request until they are or the deadline passes. A wait for regions also asks the
+    /// connected hubs, even when answered now, so that asking again later knows more.
+    pub(super) fn await_durable(
         &mut self,
         now: Instant,
         id: RequestId,
         doc_id: DocId,
         heads: &[String],
+        level: Durability,
         deadline: Instant,
     ) -> Option<Result<Response, RequestError>> {
         let heads =
@@ -141,16 +142,26 @@ impl Node {
                 Ok(heads) => heads,
                 Err(error) => return Some(Err(RequestError::BadHeads(error.to_string()))),
             };
-        let Some(document) = self.documents.get(&doc_id).filter(|d| !d.is_placeholder) else {
+        if self.documents.get(&doc_id).is_none_or(|d| d.is_placeholder) {
             return Some(Err(RequestError::NotFound(doc_id)));
-        };
-        let local = heads.iter().all(|h| document.doc.get_change_by_hash(h).is_some());
-        let hub = local
-            && (self.role == Role::Hub || self.hub_acks.covers(&doc_id, &document.doc, &heads));
-        if hub || !local || deadline <= now {
-            return Some(Ok(Response::Durability(DurabilityReport { local, hub })));
         }
-        self.hub_acks.wait(id, doc_id, heads, deadline);
+        let report = self.durability_report(doc_id, &heads);
+        let regions = match level {
+            Durability::Regions(n) if report.local && !report.meets(level) => n,
+            _ => 0,
+        };
+        if regions > 0 && self.role != Role::Hub {
+            self.ask_hubs_for_regions(doc_id, &heads, regions);
+        }
+        if report.meets(level) || !report.local || deadline <= now {
+            return Some(Ok(Response::Durability(report)));
+        }
+        match level {
+            Durability::Regions(n) if self.role == Role::Hub => {
+                self.watch_regions_here(id, doc_id, heads, n, deadline)
+            }
+            _ => self.hub_acks.wait(id, doc_id, heads, regions, deadline),
+        }
         None
     }
 
@@ -373,7 +384,7 @@ fn document_needed(request: &Request) -> Option<DocId> {
         Request::Edit { doc_id, .. }
         | Request::Delete { doc_id }
         | Request::Import { doc_id, .. }
-        | Request::AwaitHub { doc_id, .. }
+        | Request::AwaitDurable { doc_id, .. }
         | Request::Read { doc_id }
         | Request::ReadAt { doc_id, .. }
         | Request::History { doc_id, .. }

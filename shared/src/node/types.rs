@@ -74,13 +74,15 @@ pub enum Request {
         /// The edit.
         ops: Vec<Op>,
     },
-    /// Answer once a hub has committed every change up to `heads` of a document, or at
-    /// `deadline` with what is known then.
-    AwaitHub {
+    /// Answer once every change up to `heads` of a document is as durable as `level` asks
+    /// (committed by a hub, or by hubs in N regions), or at `deadline` with what is known then.
+    AwaitDurable {
         /// The document.
         doc_id: DocId,
         /// Heads as hex, as a write's answer gave them.
         heads: Vec<String>,
+        /// What to wait for.
+        level: crate::durability::Durability,
         /// When to stop waiting.
         deadline: Instant,
     },
@@ -211,13 +213,27 @@ impl StatusReport {
     pub const LAG_LISTED: usize = 100;
 }
 
-/// How durable a set of heads is, in answer to [`Request::AwaitHub`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How durable a set of heads is, in answer to [`Request::AwaitDurable`].
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DurabilityReport {
     /// Committed on this node.
     pub local: bool,
     /// Committed by a hub.
     pub hub: bool,
+    /// Regions whose hubs have committed them, as far as this node knows (sorted).
+    pub regions: Vec<String>,
+}
+
+impl DurabilityReport {
+    /// Whether the heads are as durable as `level` asks.
+    pub fn meets(&self, level: crate::durability::Durability) -> bool {
+        use crate::durability::Durability;
+        match level {
+            Durability::Local => self.local,
+            Durability::Hub => self.hub,
+            Durability::Regions(n) => self.regions.len() >= usize::from(n),
+        }
+    }
 }
 
 /// Why a request failed; nothing was applied.

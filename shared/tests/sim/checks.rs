@@ -84,6 +84,12 @@ pub fn describe(message: &Message) -> String {
         Message::Hubs { hubs } => format!("{} hubs", hubs.len()),
         Message::NotHeld { collection, .. } => format!("not held ({collection})"),
         Message::Pong => "pong".into(),
+        Message::WatchRegions { doc_id, regions, .. } => {
+            format!("watch of {doc_id} for {regions} regions")
+        }
+        Message::HeldInRegions { doc_id, regions, .. } => {
+            format!("{doc_id} held in {}", regions.join(", "))
+        }
     }
 }
 
