@@ -40,6 +40,7 @@ mod reconciling;
 mod requests;
 mod types;
 
+pub use catalog::CatalogBuilder;
 pub use lag::PeerLag;
 pub use types::{
     ConnId, DurabilityReport, Input, NodeStats, Output, Request, RequestError, RequestId, Response,
@@ -176,6 +177,12 @@ impl Node {
     /// a fraction of separate inserts.
     pub fn restore_all(&mut self, index: Vec<(DocId, IndexEntry)>) {
         self.catalog.record_all(index);
+    }
+
+    /// Adds the index entries gathered in `built`, as [`Node::restore_all`] does: a caller
+    /// streaming the heads index fills the builder while the store reads on.
+    pub fn restore_built(&mut self, built: CatalogBuilder) {
+        self.catalog.record_built(built);
     }
 
     /// Adds a document read from the store at start-up, loaded.
