@@ -3,6 +3,7 @@
 //! Both binaries start a node the same way; they differ only in how they connect
 //! (the hub accepts, the agent dials) and in which HTTP routes they serve.
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use super::store_reader::StoreReader;
 use super::tls::{ensure_dev_certificates, Identity, TlsError, TlsPaths};
 use crate::config::{ConfigError, SyncConfig};
 use crate::message::Role;
-use crate::node::Node;
+use crate::node::{CatalogBuilder, Node};
 
 /// Everything needed to start a node.
 #[derive(Debug, Clone)]
@@ -156,6 +157,35 @@ impl IdentityConfig {
     }
 }
 
+/// Chunks of the heads index read ahead of the catalog builder: enough to keep the scan
+/// going while the builder catches up, few enough to bound what waits in between.
+const INDEX_CHUNKS_AHEAD: usize = 16;
+
+/// Reads the heads index into a catalog builder. The store scans on a thread of its own
+/// while this one digests and fingerprints the chunks already read, so the catalog costs
+/// little beyond the scan: the index comes in id order, and the ordered maps made from it
+/// afterwards need no sorting.
+fn read_index(store: &mut Store) -> Result<CatalogBuilder, StoreError> {
+    let (chunks_tx, chunks_rx) = std::sync::mpsc::sync_channel(INDEX_CHUNKS_AHEAD);
+    std::thread::scope(|scope| {
+        let scan = scope.spawn(move || {
+            // A builder that went away wants no more.
+            store.scan_index(|chunk| match chunks_tx.send(chunk) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()),
+            })
+        });
+        let mut builder = CatalogBuilder::new();
+        for chunk in chunks_rx {
+            builder.push(chunk);
+        }
+        match scan.join() {
+            Ok(scanned) => scanned.map(|()| builder),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
 /// The uhlc clock source for real nodes.
 fn wall_clock() -> uhlc::NTP64 {
     uhlc::system_time_clock()
@@ -172,10 +202,10 @@ impl RunningNode {
         }
         let identity = Identity::load(&setup.tls)?;
         let database = setup.data_dir.join("cairn.db");
-        let store = Store::open(&database)?;
+        let mut store = Store::open(&database)?;
         let reader = Arc::new(StoreReader::open(&database)?);
         let (feed_head_tx, feed_head) = watch::channel(store.feed_head()?);
-        let index = store.load_index()?;
+        let index = read_index(&mut store)?;
         let hlc_id =
             uhlc::ID::try_from(*identity.node_id.as_bytes()).unwrap_or_else(|_| uhlc::ID::rand());
         let hlc = uhlc::HLCBuilder::new()
@@ -189,7 +219,7 @@ impl RunningNode {
         // Documents stay on disk until something needs them; one that then fails to load is
         // quarantined, not fatal.
         let documents = index.len();
-        node.restore_all(index);
+        node.restore_built(index);
         tracing::info!(documents, "heads index loaded");
         let metrics = Arc::new(Metrics::new());
         let (queue_tx, queue_rx) = tokio::sync::mpsc::channel(super::store::STORE_QUEUE_CAPACITY);
