@@ -42,13 +42,14 @@ impl Catalog {
     pub(super) fn record_all(&mut self, entries: Vec<(DocId, IndexEntry)>) {
         let mut builder = CatalogBuilder::new();
         builder.push(entries);
-        self.record_built(builder);
+        self.record_built(builder, &Sequential);
     }
 
     /// Records every entry of `built`, replacing what the catalog held for the same ids.
-    pub(super) fn record_built(&mut self, built: CatalogBuilder) {
+    /// The entry map and the reconciliation sets are made through `join`.
+    pub(super) fn record_built(&mut self, built: CatalogBuilder, join: &impl Join) {
         if self.entries.is_empty() {
-            *self = built.finish();
+            *self = built.finish(join);
             return;
         }
         // Only a catalog restored twice gets here: entries one at a time are fast enough.
@@ -141,11 +142,43 @@ impl CatalogBuilder {
         self.entries.is_empty()
     }
 
-    fn finish(self) -> Catalog {
-        Catalog {
-            entries: self.entries.into_iter().collect(),
-            reconcile: self.sets.into_iter().map(|(c, set)| (c, set.finish())).collect(),
-        }
+    /// Makes the ordered maps: the entry map and the reconciliation sets are independent, so
+    /// `join` may make them side by side.
+    fn finish(self, join: &impl Join) -> Catalog {
+        let Self { entries, sets } = self;
+        let (entries, reconcile) = join.join(
+            move || entries.into_iter().collect(),
+            move || sets.into_iter().map(|(c, set)| (c, set.finish())).collect(),
+        );
+        Catalog { entries, reconcile }
+    }
+}
+
+/// Runs two independent pieces of work and gives both results: one after the other, or side
+/// by side where the caller has threads to spare (the core starts none of its own).
+pub trait Join {
+    /// Runs `a` and `b`, in any order or at once.
+    fn join<A, B, RA, RB>(&self, a: A, b: B) -> (RA, RB)
+    where
+        A: FnOnce() -> RA + Send,
+        B: FnOnce() -> RB + Send,
+        RA: Send,
+        RB: Send;
+}
+
+/// [`Join`] one after the other, on the calling thread.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sequential;
+
+impl Join for Sequential {
+    fn join<A, B, RA, RB>(&self, a: A, b: B) -> (RA, RB)
+    where
+        A: FnOnce() -> RA + Send,
+        B: FnOnce() -> RB + Send,
+        RA: Send,
+        RB: Send,
+    {
+        (a(), b())
     }
 }
 
@@ -188,7 +221,7 @@ mod tests {
         }
         assert_eq!(builder.len(), entries.len());
         let mut built = Catalog::default();
-        built.record_built(builder);
+        built.record_built(builder, &Sequential);
         assert_same(&built, &one_by_one(&entries));
         assert_eq!(built.len(), 40);
     }
@@ -203,7 +236,7 @@ mod tests {
         let mut catalog = one_by_one(&first);
         let mut builder = CatalogBuilder::new();
         builder.push(second.clone());
-        catalog.record_built(builder);
+        catalog.record_built(builder, &Sequential);
         let expected = one_by_one(&[first, second].concat());
         assert_same(&catalog, &expected);
     }
