@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -142,8 +143,11 @@ impl FromStr for NodeId {
 pub const MAX_COLLECTION_NAME_BYTES: usize = 128;
 
 /// A collection name such as `plant-7/sensors`: the unit of authorization and replication.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub struct Collection(String);
+///
+/// Shared, not copied, by every clone: the catalog holds one per document, and a node with
+/// many documents in few collections would otherwise hold the same name many times over.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Collection(Arc<str>);
 
 impl Collection {
     /// The name as text.
@@ -179,7 +183,13 @@ impl FromStr for Collection {
                 s.chars().take(MAX_COLLECTION_NAME_BYTES).collect(),
             ));
         }
-        Ok(Self(s.to_owned()))
+        Ok(Self(Arc::from(s)))
+    }
+}
+
+impl Serialize for Collection {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
     }
 }
 
@@ -228,5 +238,15 @@ mod tests {
         for bad in ["", "/a", "a/", "a//b", "../etc", "a b", &"x".repeat(129)] {
             assert!(bad.parse::<Collection>().is_err(), "{bad:?} should be rejected");
         }
+    }
+
+    #[test]
+    fn collections_serialize_as_their_name_and_clones_share_it() {
+        let collection: Collection = "plant-7/sensors".parse().unwrap();
+        let json = serde_json::to_string(&collection).unwrap();
+        assert_eq!(json, "\"plant-7/sensors\"");
+        assert_eq!(serde_json::from_str::<Collection>(&json).unwrap(), collection);
+        let copy = collection.clone();
+        assert!(std::ptr::eq(copy.as_str(), collection.as_str()));
     }
 }

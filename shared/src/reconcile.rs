@@ -606,11 +606,44 @@ impl FromIterator<Item> for MemoryStore {
     /// much faster than inserting one by one when the items come in id order, as an index
     /// scan returns them.
     fn from_iter<T: IntoIterator<Item = Item>>(items: T) -> Self {
-        let entries = items
-            .into_iter()
-            .map(|item| (item.doc_id, (item.heads_digest, Fingerprint::of_item(&item))))
-            .collect();
-        Self { entries }
+        let mut builder = MemoryStoreBuilder::new();
+        items.into_iter().for_each(|item| builder.push(item));
+        builder.finish()
+    }
+}
+
+/// A [`MemoryStore`] built from items pushed as they arrive, each fingerprinted on push; the
+/// ordered map is made once, in [`MemoryStoreBuilder::finish`], which costs little when the
+/// items came in id order, as an index scan returns them.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryStoreBuilder {
+    entries: Vec<(DocId, (HeadsDigest, Fingerprint))>,
+}
+
+impl MemoryStoreBuilder {
+    /// A builder holding no item.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds an item; a later item replaces an earlier one with the same id.
+    pub fn push(&mut self, item: Item) {
+        self.entries.push((item.doc_id, (item.heads_digest, Fingerprint::of_item(&item))));
+    }
+
+    /// How many items were pushed.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no item was pushed.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The set of the items pushed.
+    pub fn finish(self) -> MemoryStore {
+        MemoryStore { entries: self.entries.into_iter().collect() }
     }
 }
 

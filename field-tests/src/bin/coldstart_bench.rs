@@ -27,9 +27,10 @@ const DEFAULT_NS: &[usize] = &[1_000, 10_000, 100_000];
 const BUILD_BATCH: usize = 1_000;
 
 const USAGE: &str = "\
-usage: coldstart-bench [--max-n N]
+usage: coldstart-bench [--max-n N] [--runs R]
 
-  --max-n N   skip document counts above N (default: 100000, all of 1000, 10000, 100000)";
+  --max-n N   skip document counts above N (default: 100000, all of 1000, 10000, 100000)
+  --runs R    take each timing as the median of R runs (default: 3; more on a busy machine)";
 
 struct Row {
     n: usize,
@@ -41,20 +42,30 @@ struct Row {
     agent_rss_kib: u64,
 }
 
-fn parse_args() -> anyhow::Result<Option<usize>> {
-    let mut max_n = usize::MAX;
+struct Args {
+    max_n: usize,
+    runs: usize,
+}
+
+fn parse_args() -> anyhow::Result<Option<Args>> {
+    let mut parsed = Args { max_n: usize::MAX, runs: DEFAULT_RUNS };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--max-n" => {
                 let value = args.next().context("--max-n needs a value")?;
-                max_n = value.parse().with_context(|| format!("--max-n {value:?}"))?;
+                parsed.max_n = value.parse().with_context(|| format!("--max-n {value:?}"))?;
+            }
+            "--runs" => {
+                let value = args.next().context("--runs needs a value")?;
+                parsed.runs = value.parse().with_context(|| format!("--runs {value:?}"))?;
+                anyhow::ensure!(parsed.runs > 0, "--runs must be at least 1");
             }
             "-h" | "--help" => return Ok(None),
             other => anyhow::bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }
-    Ok(Some(max_n))
+    Ok(Some(parsed))
 }
 
 /// Writes `n` documents `{"n": i}`, one change each, through the store's own append path.
@@ -92,7 +103,7 @@ fn rss_kib(pid: &str) -> anyhow::Result<u64> {
     proc_status_kib(pid, "VmRSS").context("reading VmRSS")
 }
 
-fn run_case(root: &std::path::Path, n: usize) -> anyhow::Result<Row> {
+fn run_case(root: &std::path::Path, n: usize, runs: usize) -> anyhow::Result<Row> {
     let name = format!("agent-{n}");
     let database = root.join(&name).join("cairn.db");
     std::fs::create_dir_all(root.join(&name))?;
@@ -107,7 +118,7 @@ fn run_case(root: &std::path::Path, n: usize) -> anyhow::Result<Row> {
 
     // The floor: open the store and read the heads index, nothing else.
     let mut scans = Vec::new();
-    for _ in 0..RUNS {
+    for _ in 0..runs {
         let started = Instant::now();
         let index = Store::open(&database)?.load_index()?;
         scans.push(started.elapsed());
@@ -133,7 +144,7 @@ fn run_case(root: &std::path::Path, n: usize) -> anyhow::Result<Row> {
     let hub = std::net::SocketAddr::from(([127, 0, 0, 1], field_tests::free_udp_port()?));
     let mut starts = Vec::new();
     let mut agent_rss_kib = 0;
-    for _ in 0..RUNS {
+    for _ in 0..runs {
         let started = Instant::now();
         let agent = Agent::start(root, &name, hub)?;
         starts.push(started.elapsed());
@@ -147,9 +158,10 @@ fn run_case(root: &std::path::Path, n: usize) -> anyhow::Result<Row> {
     Ok(Row { n, store_mib, scan, load_all, load_all_rss_kib, agent_ready, agent_rss_kib })
 }
 
-/// Each timing is the median of this many runs: the first start after the store was written
-/// also replays SQLite's write-ahead log, which a restarting device does not.
-const RUNS: usize = 3;
+/// Each timing is the median of this many runs unless `--runs` says otherwise: the first start
+/// after the store was written also replays SQLite's write-ahead log, which a restarting
+/// device does not.
+const DEFAULT_RUNS: usize = 3;
 
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
@@ -171,7 +183,7 @@ fn main() -> ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
-    let Some(max_n) = parse_args()? else {
+    let Some(Args { max_n, runs }) = parse_args()? else {
         println!("{USAGE}");
         return Ok(());
     };
@@ -190,7 +202,7 @@ fn run() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for &n in DEFAULT_NS.iter().filter(|&&n| n <= max_n) {
         eprintln!("N={}", thousands(n as u64));
-        rows.push(run_case(root, n)?);
+        rows.push(run_case(root, n, runs)?);
     }
 
     println!("# Cairn cold-start benchmark\n");
@@ -200,7 +212,7 @@ fn run() -> anyhow::Result<()> {
          open the store and read the heads index. Load all: read every document and load it \
          into Automerge, as a stack that holds every document does. Agent ready: a real \
          `edge-agent` process from spawn to its ready line. Scan and ready are medians of \
-         {RUNS} runs. RSS per cold document: the \
+         {runs} runs. RSS per cold document: the \
          agent's resident memory once ready, less that of an agent with no documents \
          ({} KiB), divided by N.\n",
         thousands(baseline_rss_kib)

@@ -3,6 +3,7 @@
 //! Both binaries start a node the same way; they differ only in how they connect
 //! (the hub accepts, the agent dials) and in which HTTP routes they serve.
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use super::store_reader::StoreReader;
 use super::tls::{ensure_dev_certificates, Identity, TlsError, TlsPaths};
 use crate::config::{ConfigError, SyncConfig};
 use crate::message::Role;
-use crate::node::Node;
+use crate::node::{CatalogBuilder, Join, Node};
 
 /// Everything needed to start a node.
 #[derive(Debug, Clone)]
@@ -156,6 +157,57 @@ impl IdentityConfig {
     }
 }
 
+/// Chunks of the heads index read ahead of the catalog builder: enough to keep the scan
+/// going while the builder catches up, few enough to bound what waits in between.
+const INDEX_CHUNKS_AHEAD: usize = 16;
+
+/// Reads the heads index into a catalog builder. The store scans on a thread of its own
+/// while this one digests and fingerprints the chunks already read, so the catalog costs
+/// little beyond the scan: the index comes in id order, and the ordered maps made from it
+/// afterwards need no sorting.
+fn read_index(store: &mut Store) -> Result<CatalogBuilder, StoreError> {
+    let (chunks_tx, chunks_rx) = std::sync::mpsc::sync_channel(INDEX_CHUNKS_AHEAD);
+    std::thread::scope(|scope| {
+        let scan = scope.spawn(move || {
+            // A builder that went away wants no more.
+            store.scan_index(|chunk| match chunks_tx.send(chunk) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()),
+            })
+        });
+        let mut builder = CatalogBuilder::new();
+        for chunk in chunks_rx {
+            builder.push(chunk);
+        }
+        match scan.join() {
+            Ok(scanned) => scanned.map(|()| builder),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
+/// [`Join`] with the first piece of work on a thread of its own, the second on this one.
+struct SideBySide;
+
+impl Join for SideBySide {
+    fn join<A, B, RA, RB>(&self, a: A, b: B) -> (RA, RB)
+    where
+        A: FnOnce() -> RA + Send,
+        B: FnOnce() -> RB + Send,
+        RA: Send,
+        RB: Send,
+    {
+        std::thread::scope(|scope| {
+            let a = scope.spawn(a);
+            let b = b();
+            match a.join() {
+                Ok(a) => (a, b),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        })
+    }
+}
+
 /// The uhlc clock source for real nodes.
 fn wall_clock() -> uhlc::NTP64 {
     uhlc::system_time_clock()
@@ -172,10 +224,10 @@ impl RunningNode {
         }
         let identity = Identity::load(&setup.tls)?;
         let database = setup.data_dir.join("cairn.db");
-        let store = Store::open(&database)?;
+        let mut store = Store::open(&database)?;
         let reader = Arc::new(StoreReader::open(&database)?);
         let (feed_head_tx, feed_head) = watch::channel(store.feed_head()?);
-        let index = store.load_index()?;
+        let index = read_index(&mut store)?;
         let hlc_id =
             uhlc::ID::try_from(*identity.node_id.as_bytes()).unwrap_or_else(|_| uhlc::ID::rand());
         let hlc = uhlc::HLCBuilder::new()
@@ -189,7 +241,7 @@ impl RunningNode {
         // Documents stay on disk until something needs them; one that then fails to load is
         // quarantined, not fatal.
         let documents = index.len();
-        node.restore_all(index);
+        node.restore_built(index, &SideBySide);
         tracing::info!(documents, "heads index loaded");
         let metrics = Arc::new(Metrics::new());
         let (queue_tx, queue_rx) = tokio::sync::mpsc::channel(super::store::STORE_QUEUE_CAPACITY);
@@ -244,5 +296,60 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = terminate => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{DocId, NodeId};
+    use crate::store_task::StoreTask;
+
+    #[test]
+    fn a_node_restored_from_the_streamed_index_holds_the_whole_index() {
+        let dir = std::env::temp_dir().join(format!("cairn-runtime-index-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut store = Store::open(&dir.join("cairn.db")).unwrap();
+        // More than a few chunks, in two collections, fed to the store out of id order.
+        let count = 3 * super::super::store::INDEX_CHUNK_ROWS + 11;
+        let tasks: Vec<_> = (0..count)
+            .map(|i| {
+                let mut id = [0u8; 16];
+                id[..8].copy_from_slice(
+                    &((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).to_be_bytes(),
+                );
+                let task = StoreTask::Append {
+                    doc_id: DocId::from_slice(&id).unwrap(),
+                    collection: if i % 2 == 0 { "a" } else { "b" }.parse().unwrap(),
+                    changes: vec![vec![1]],
+                    heads: vec![[i as u8; 32]],
+                    hlc: i as u64,
+                    origin: NodeId::from_bytes([9; 16]),
+                    deleted: false,
+                };
+                (i as u64, task)
+            })
+            .collect();
+        store.execute(&tasks).unwrap();
+
+        let built = read_index(&mut store).unwrap();
+        assert_eq!(built.len(), count);
+        let mut node = Node::new(
+            NodeId::from_bytes([1; 16]),
+            Role::Agent,
+            ActorId::random(),
+            uhlc::HLCBuilder::new().build(),
+            SyncConfig::edge(),
+        );
+        node.restore_built(built, &SideBySide);
+        let restored: Vec<_> = node.catalog().map(|(id, entry)| (*id, entry.clone())).collect();
+        assert_eq!(restored, store.load_index().unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn side_by_side_gives_both_results_in_order() {
+        assert_eq!(SideBySide.join(|| 1, || "two"), (1, "two"));
     }
 }

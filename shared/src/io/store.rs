@@ -9,6 +9,8 @@
 //! and the process exits, to restart from what is durable (crash-only). Answering a write
 //! that might not be on disk would be worse.
 
+use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -25,6 +27,15 @@ pub const MAX_TASKS_PER_COMMIT: usize = 1024;
 
 /// Tasks waiting for the store thread; a full queue slows the node loop rather than growing.
 pub const STORE_QUEUE_CAPACITY: usize = 4096;
+
+/// Heads index rows per chunk handed out by [`Store::scan_index`]: large enough that passing
+/// a chunk between threads costs nothing next to reading it, small enough that the consumer
+/// starts early.
+pub const INDEX_CHUNK_ROWS: usize = 1024;
+
+/// The heads index query: the covering index `documents_heads` answers it in id order.
+const INDEX_QUERY: &str =
+    "SELECT doc_id, collection, heads, deleted FROM documents ORDER BY doc_id";
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -150,12 +161,10 @@ impl Store {
         Ok(docs)
     }
 
-    /// Every stored document's heads index entry, in id order, for start-up: one scan of the
-    /// index, no document read.
+    /// Every stored document's heads index entry, in id order: one scan of the index, no
+    /// document read. Start-up streams it with [`Store::scan_index`] instead.
     pub fn load_index(&self) -> Result<Vec<(DocId, IndexEntry)>, StoreError> {
-        let mut statement = self
-            .conn
-            .prepare("SELECT doc_id, collection, heads, deleted FROM documents ORDER BY doc_id")?;
+        let mut statement = self.conn.prepare(INDEX_QUERY)?;
         let mut rows = statement.query([])?;
         let mut entries = Vec::new();
         while let Some(row) = rows.next()? {
@@ -166,21 +175,56 @@ impl Store {
                 .parse()
                 .map_err(|e: crate::ids::IdParseError| StoreError::Corrupt(e.to_string()))?;
             let heads_bytes = row.get::<_, Vec<u8>>(2)?;
-            if heads_bytes.len() % 32 != 0 {
-                return Err(StoreError::Corrupt(format!("heads of {doc_id} are not whole hashes")));
-            }
-            let heads = heads_bytes
-                .chunks_exact(32)
-                .map(|chunk| {
-                    let mut hash = [0u8; 32];
-                    hash.copy_from_slice(chunk);
-                    ChangeHash(hash)
-                })
-                .collect();
+            let heads = decode_heads(doc_id, &heads_bytes)?;
             let deleted = row.get::<_, bool>(3)?;
             entries.push((doc_id, IndexEntry { collection, heads, deleted }));
         }
         Ok(entries)
+    }
+
+    /// The entries of [`Store::load_index`], handed to `sink` in chunks of
+    /// [`INDEX_CHUNK_ROWS`] as they are read, so that a consumer on another thread works on
+    /// one chunk while SQLite reads the next. Values are read in place and every entry of a
+    /// collection shares one name, so a row costs one allocation, its heads. The scan stops
+    /// early, without error, when `sink` breaks.
+    pub fn scan_index(
+        &self,
+        mut sink: impl FnMut(Vec<(DocId, IndexEntry)>) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        let corrupt = |e: rusqlite::types::FromSqlError| StoreError::Corrupt(e.to_string());
+        let mut statement = self.conn.prepare(INDEX_QUERY)?;
+        let mut rows = statement.query([])?;
+        let mut collections: HashMap<String, Collection> = HashMap::new();
+        let mut chunk = Vec::with_capacity(INDEX_CHUNK_ROWS);
+        while let Some(row) = rows.next()? {
+            let doc_id = DocId::from_slice(row.get_ref(0)?.as_blob().map_err(corrupt)?)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let name = row.get_ref(1)?.as_str().map_err(corrupt)?;
+            let collection = match collections.get(name) {
+                Some(collection) => collection.clone(),
+                None => {
+                    let collection: Collection =
+                        name.parse().map_err(|e: crate::ids::IdParseError| {
+                            StoreError::Corrupt(e.to_string())
+                        })?;
+                    collections.insert(name.to_owned(), collection.clone());
+                    collection
+                }
+            };
+            let heads = decode_heads(doc_id, row.get_ref(2)?.as_blob().map_err(corrupt)?)?;
+            let deleted = row.get::<_, bool>(3)?;
+            chunk.push((doc_id, IndexEntry { collection, heads, deleted }));
+            if chunk.len() == INDEX_CHUNK_ROWS {
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(INDEX_CHUNK_ROWS));
+                if sink(full).is_break() {
+                    return Ok(());
+                }
+            }
+        }
+        if !chunk.is_empty() {
+            let _ = sink(chunk);
+        }
+        Ok(())
     }
 
     /// One stored document.
@@ -240,6 +284,21 @@ impl Store {
 }
 
 /// The sync states saved for a document, per peer.
+/// A heads column: whole 32-byte change hashes, concatenated.
+fn decode_heads(doc_id: DocId, bytes: &[u8]) -> Result<Vec<ChangeHash>, StoreError> {
+    if bytes.len() % 32 != 0 {
+        return Err(StoreError::Corrupt(format!("heads of {doc_id} are not whole hashes")));
+    }
+    Ok(bytes
+        .chunks_exact(32)
+        .map(|chunk| {
+            let mut hash = [0u8; 32];
+            hash.copy_from_slice(chunk);
+            ChangeHash(hash)
+        })
+        .collect())
+}
+
 fn load_sync_states(conn: &Connection, doc_id: DocId) -> Result<SavedSyncStates, StoreError> {
     let mut query = conn.prepare_cached("SELECT peer, state FROM sync_states WHERE doc_id = ?1")?;
     let mut rows = query.query(params![doc_id.as_bytes()])?;
@@ -380,6 +439,56 @@ mod tests {
             origin: crate::ids::NodeId::from_bytes([9; 16]),
             deleted: false,
         }
+    }
+
+    #[test]
+    fn the_index_scan_streams_the_loaded_index_in_chunks() {
+        let path = temp_db("scan");
+        let mut store = Store::open(&path).unwrap();
+        let count = 2 * INDEX_CHUNK_ROWS + 7;
+        let tasks: Vec<_> = (0..count)
+            .map(|i| {
+                let mut id = [0u8; 16];
+                id[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                let collection = if i % 3 == 0 { "a" } else { "b/c" };
+                let task = StoreTask::Append {
+                    doc_id: DocId::from_slice(&id).unwrap(),
+                    collection: collection.parse().unwrap(),
+                    changes: vec![vec![1]],
+                    heads: (0..i % 3).map(|h| [h as u8; 32]).collect(),
+                    hlc: i as u64,
+                    origin: crate::ids::NodeId::from_bytes([9; 16]),
+                    deleted: i % 5 == 0,
+                };
+                (i as u64, task)
+            })
+            .collect();
+        store.execute(&tasks).unwrap();
+
+        let mut chunks = Vec::new();
+        store
+            .scan_index(|chunk| {
+                chunks.push(chunk);
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+        let sizes: Vec<_> = chunks.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [INDEX_CHUNK_ROWS, INDEX_CHUNK_ROWS, 7]);
+        let scanned: Vec<_> = chunks.into_iter().flatten().collect();
+        assert_eq!(scanned, store.load_index().unwrap());
+        // One name per collection, shared by its entries.
+        let names: std::collections::BTreeSet<_> =
+            scanned.iter().map(|(_, e)| e.collection.as_str().as_ptr()).collect();
+        assert_eq!(names.len(), 2);
+
+        let mut calls = 0;
+        store
+            .scan_index(|_| {
+                calls += 1;
+                ControlFlow::Break(())
+            })
+            .unwrap();
+        assert_eq!(calls, 1, "a sink that breaks ends the scan");
     }
 
     #[test]

@@ -41,6 +41,7 @@ mod regions;
 mod requests;
 mod types;
 
+pub use catalog::{CatalogBuilder, Join, Sequential};
 pub use lag::PeerLag;
 pub use types::{
     ConnId, DurabilityReport, Input, NodeStats, Output, Request, RequestError, RequestId, Response,
@@ -189,6 +190,14 @@ impl Node {
     /// a fraction of separate inserts.
     pub fn restore_all(&mut self, index: Vec<(DocId, IndexEntry)>) {
         self.catalog.record_all(index);
+    }
+
+    /// Adds the index entries gathered in `built`, as [`Node::restore_all`] does: a caller
+    /// streaming the heads index fills the builder while the store reads on. `join` runs the
+    /// two independent halves of what is left (the entry map, the reconciliation sets);
+    /// [`Sequential`] runs them in turn.
+    pub fn restore_built(&mut self, built: CatalogBuilder, join: &impl Join) {
+        self.catalog.record_built(built, join);
     }
 
     /// Adds a document read from the store at start-up, loaded.
