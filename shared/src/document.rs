@@ -234,7 +234,7 @@ pub fn parse_change_chunks(bytes: &[u8]) -> Option<Vec<Change>> {
 }
 
 /// Parses one change chunk; a panic inside Automerge counts as "does not parse".
-pub fn parse_change(chunk: &[u8]) -> Option<Change> {
+fn parse_change(chunk: &[u8]) -> Option<Change> {
     catch_unwind(|| Change::try_from(chunk).ok()).ok().flatten()
 }
 
@@ -361,6 +361,39 @@ mod tests {
         upload.push(0);
         assert!(parse_change_chunks(&upload).is_none());
         assert!(parse_change_chunks(&[0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 1, 0xff]).is_none());
+    }
+
+    #[test]
+    fn changes_in_sync_messages_parse_as_change_chunks() {
+        use automerge::sync::{self, SyncDoc};
+        let mut source = doc_with_changes("a", 9);
+        let all = source.get_changes(&[]);
+        // The peer lacks two changes: sent as changes, not as a whole saved document, and
+        // (version 2, once the peers know each other) as one entry of two chunks.
+        let mut sink = Automerge::new();
+        sink.apply_changes(all[..7].to_vec()).unwrap();
+        let (mut ours, mut theirs) = (sync::State::new(), sync::State::new());
+        let mut carried = Vec::new();
+        for _ in 0..4 {
+            if let Some(message) = source.generate_sync_message(&mut ours) {
+                if !message.changes.is_empty() {
+                    assert_eq!(message.changes.len(), 1);
+                }
+                for entry in message.changes.iter() {
+                    carried.extend(parse_change_chunks(entry).unwrap());
+                }
+                sink.receive_sync_message(&mut theirs, message).unwrap();
+            }
+            if let Some(message) = sink.generate_sync_message(&mut theirs) {
+                source.receive_sync_message(&mut ours, message).unwrap();
+            }
+        }
+        assert_eq!(sink.get_heads(), source.get_heads());
+        let mut carried: Vec<ChangeHash> = carried.iter().map(Change::hash).collect();
+        carried.sort();
+        let mut missing = vec![all[7].hash(), all[8].hash()];
+        missing.sort();
+        assert_eq!(carried, missing);
     }
 
     #[test]

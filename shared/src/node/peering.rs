@@ -8,7 +8,7 @@ use automerge::ChangeHash;
 
 use super::cache::{Deferred, Residence};
 use super::{ConnId, DurabilityReport, Node, Output, Pending, Response};
-use crate::document::{guarded, heads_digest, parse_change, Document, DocumentError};
+use crate::document::{guarded, heads_digest, parse_change_chunks, Document, DocumentError};
 use crate::frame::encode_frame;
 use crate::ids::{Collection, DocId, NodeId};
 use crate::message::{
@@ -316,12 +316,14 @@ impl Node {
         let state = peer.sync_states.entry(doc_id).or_default();
         let before = document.doc.get_heads();
         let history_before = document.history_len();
-        // Parsed here only to store what the apply adds as it arrived (see `offered`).
+        // Parsed here only to store what the apply adds as it arrived (see `offered`). A
+        // version 2 message carries its changes as one entry of concatenated chunks.
         let offered = message
             .changes
             .iter()
-            .map(parse_change)
+            .map(parse_change_chunks)
             .collect::<Option<Vec<_>>>()
+            .map(|entries| entries.into_iter().flatten().collect::<Vec<_>>())
             .filter(|changes| !changes.is_empty())
             .map(|changes| document.offered(changes));
         match guarded(|| document.doc.receive_sync_message(state, message)) {
