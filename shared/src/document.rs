@@ -3,7 +3,7 @@
 //! Automerge can panic on some malformed inputs. Every call that hands it bytes from outside
 //! goes through [`guarded`], so a hostile peer costs one document reload, never the process.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use automerge::transaction::{CommitOptions, Transactable};
@@ -100,7 +100,7 @@ impl Document {
             .collect::<Result<Vec<_>, _>>()?;
         guarded(|| doc.apply_changes(changes))?;
         doc.set_actor(actor);
-        let change_count = doc.get_changes_meta(&[]).len();
+        let change_count = usize::try_from(doc.stats().num_changes).unwrap_or(usize::MAX);
         Ok(Self {
             doc,
             collection: stored.collection.clone(),
@@ -117,6 +117,39 @@ impl Document {
     /// The encoded changes added since `before`, for storage.
     pub fn changes_since(&self, before: &[ChangeHash]) -> Vec<Vec<u8>> {
         self.doc.get_changes(before).into_iter().map(|c| c.raw_bytes().to_vec()).collect()
+    }
+
+    /// Changes in the document's history, in constant time.
+    pub fn history_len(&self) -> usize {
+        usize::try_from(self.doc.stats().num_changes).unwrap_or(usize::MAX)
+    }
+
+    /// Notes, before an apply, which of the changes it is handed this document lacks, so that
+    /// [`Document::added_changes`] can name what the apply added without Automerge encoding
+    /// the changes again from its op set (a cost that grows with the document).
+    pub fn offered(&self, changes: Vec<Change>) -> Offered {
+        let mut seen = BTreeSet::new();
+        let lacking = changes
+            .into_iter()
+            .filter(|c| {
+                seen.insert(c.hash()) && self.doc.get_change_meta_by_hash(&c.hash()).is_none()
+            })
+            .collect();
+        Offered { lacking, history_before: self.history_len() }
+    }
+
+    /// After the apply, the encoded changes it added: the offered ones it now holds, when they
+    /// account for every change it added. `None` when it added others too (changes queued
+    /// earlier whose dependencies arrived): then only [`Document::changes_since`] knows them.
+    pub fn added_changes(&self, offered: Offered) -> Option<Vec<Vec<u8>>> {
+        let added: Vec<Vec<u8>> = offered
+            .lacking
+            .into_iter()
+            .filter(|c| self.doc.get_change_meta_by_hash(&c.hash()).is_some())
+            .map(|c| c.raw_bytes().to_vec())
+            .collect();
+        let grew_by = self.history_len().saturating_sub(offered.history_before);
+        (added.len() == grew_by).then_some(added)
     }
 
     /// The materialized JSON of the document, without Cairn's reserved keys.
@@ -176,6 +209,60 @@ impl Document {
             .collect();
         (page, total)
     }
+}
+
+/// Changes handed to an apply that the document lacked before it, from [`Document::offered`].
+#[derive(Debug)]
+pub struct Offered {
+    lacking: Vec<Change>,
+    history_before: usize,
+}
+
+/// Parses `bytes` as a sequence of Automerge change chunks, as raw uploads and sync messages
+/// carry them. `None` if any chunk is something else (a saved document, a bundle) or does not
+/// parse: callers then fall back to asking Automerge what an apply added.
+pub fn parse_change_chunks(bytes: &[u8]) -> Option<Vec<Change>> {
+    let mut changes = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let len = change_chunk_len(rest)?;
+        let (chunk, tail) = rest.split_at(len);
+        changes.push(parse_change(chunk)?);
+        rest = tail;
+    }
+    Some(changes)
+}
+
+/// Parses one change chunk; a panic inside Automerge counts as "does not parse".
+fn parse_change(chunk: &[u8]) -> Option<Change> {
+    catch_unwind(|| Change::try_from(chunk).ok()).ok().flatten()
+}
+
+/// Length of the change chunk (plain or compressed) at the start of `bytes`: magic bytes,
+/// checksum, type byte, LEB128 body length, body.
+fn change_chunk_len(bytes: &[u8]) -> Option<usize> {
+    const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+    const CHANGE: u8 = 1;
+    const COMPRESSED_CHANGE: u8 = 2;
+    let header = bytes.get(..9)?;
+    if header[..4] != MAGIC || !matches!(header[8], CHANGE | COMPRESSED_CHANGE) {
+        return None;
+    }
+    let mut body_len: u64 = 0;
+    let mut used = 0;
+    loop {
+        let byte = *bytes.get(9 + used)?;
+        body_len |= u64::from(byte & 0x7f).checked_shl(7 * u32::try_from(used).ok()?)?;
+        used += 1;
+        if byte & 0x80 == 0 {
+            break;
+        }
+        if used >= 10 {
+            return None;
+        }
+    }
+    let total = usize::try_from(body_len).ok()?.checked_add(9 + used)?;
+    (total <= bytes.len()).then_some(total)
 }
 
 /// One change in a document's history.
@@ -239,6 +326,105 @@ mod tests {
         let b = ChangeHash([2; 32]);
         assert_eq!(heads_digest(&[a, b]), heads_digest(&[b, a]));
         assert_ne!(heads_digest(&[a]), heads_digest(&[a, b]));
+    }
+
+    /// A document with `n` changes of its own, one key each.
+    fn doc_with_changes(actor: &str, n: usize) -> Automerge {
+        let mut doc = Automerge::new().with_actor(ActorId::from(actor.as_bytes()));
+        for i in 0..n {
+            let mut tx = doc.transaction();
+            tx.put(ROOT, format!("{actor}{i}"), i as i64).unwrap();
+            tx.commit();
+        }
+        doc
+    }
+
+    fn sorted_bytes(mut changes: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+        changes.sort();
+        changes
+    }
+
+    #[test]
+    fn change_chunks_split_as_automerge_wrote_them() {
+        let source = doc_with_changes("a", 3);
+        let changes = source.get_changes(&[]);
+        let mut upload: Vec<u8> = changes.iter().flat_map(|c| c.raw_bytes().to_vec()).collect();
+        let parsed = parse_change_chunks(&upload).unwrap();
+        let hashes: Vec<ChangeHash> = parsed.iter().map(Change::hash).collect();
+        assert_eq!(hashes, changes.iter().map(Change::hash).collect::<Vec<_>>());
+        // Compressed chunks, as `save_incremental` may write, parse too.
+        let mut compressed = changes[0].clone();
+        let bytes = compressed.bytes().to_vec();
+        assert_eq!(parse_change_chunks(&bytes).unwrap()[0].hash(), changes[0].hash());
+        // Anything else, or trailing bytes, is not a sequence of change chunks.
+        assert!(parse_change_chunks(&source.save()).is_none());
+        upload.push(0);
+        assert!(parse_change_chunks(&upload).is_none());
+        assert!(parse_change_chunks(&[0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 1, 0xff]).is_none());
+    }
+
+    #[test]
+    fn changes_in_sync_messages_parse_as_change_chunks() {
+        use automerge::sync::{self, SyncDoc};
+        let mut source = doc_with_changes("a", 9);
+        let all = source.get_changes(&[]);
+        // The peer lacks two changes: sent as changes, not as a whole saved document, and
+        // (version 2, once the peers know each other) as one entry of two chunks.
+        let mut sink = Automerge::new();
+        sink.apply_changes(all[..7].to_vec()).unwrap();
+        let (mut ours, mut theirs) = (sync::State::new(), sync::State::new());
+        let mut carried = Vec::new();
+        for _ in 0..4 {
+            if let Some(message) = source.generate_sync_message(&mut ours) {
+                if !message.changes.is_empty() {
+                    assert_eq!(message.changes.len(), 1);
+                }
+                for entry in message.changes.iter() {
+                    carried.extend(parse_change_chunks(entry).unwrap());
+                }
+                sink.receive_sync_message(&mut theirs, message).unwrap();
+            }
+            if let Some(message) = sink.generate_sync_message(&mut theirs) {
+                source.receive_sync_message(&mut ours, message).unwrap();
+            }
+        }
+        assert_eq!(sink.get_heads(), source.get_heads());
+        let mut carried: Vec<ChangeHash> = carried.iter().map(Change::hash).collect();
+        carried.sort();
+        let mut missing = vec![all[7].hash(), all[8].hash()];
+        missing.sort();
+        assert_eq!(carried, missing);
+    }
+
+    #[test]
+    fn added_changes_are_exactly_what_automerge_would_report() {
+        let source = doc_with_changes("a", 4);
+        let all = source.get_changes(&[]);
+        let mut document = Document::new("c".parse().unwrap(), ActorId::random());
+        document.doc.apply_changes(all[..2].to_vec()).unwrap();
+        let before = document.doc.get_heads();
+        // Offered: one known change, a duplicate, and the two new ones.
+        let offered =
+            document.offered(vec![all[1].clone(), all[2].clone(), all[2].clone(), all[3].clone()]);
+        document.doc.apply_changes(all[1..].to_vec()).unwrap();
+        let added = document.added_changes(offered).unwrap();
+        assert_eq!(sorted_bytes(added), sorted_bytes(document.changes_since(&before)));
+        assert_eq!(document.history_len(), 4);
+    }
+
+    #[test]
+    fn added_changes_defers_to_automerge_when_queued_changes_were_applied_too() {
+        let source = doc_with_changes("a", 3);
+        let all = source.get_changes(&[]);
+        let mut document = Document::new("c".parse().unwrap(), ActorId::random());
+        document.doc.apply_changes(all[..1].to_vec()).unwrap();
+        // The third change waits in Automerge's queue for the second.
+        document.doc.apply_changes(vec![all[2].clone()]).unwrap();
+        let before = document.doc.get_heads();
+        let offered = document.offered(vec![all[1].clone()]);
+        document.doc.apply_changes(vec![all[1].clone()]).unwrap();
+        assert_eq!(document.doc.get_changes(&before).len(), 2);
+        assert!(document.added_changes(offered).is_none());
     }
 
     #[test]

@@ -122,9 +122,22 @@ pub struct ConfigFileError {
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`); stdout stays for the ready line.
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let spec = log_filter_spec(std::env::var("RUST_LOG").ok().as_deref());
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_filter_spec(None)));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// The log filter for a `RUST_LOG` value: Automerge is held to warnings unless the value
+/// names it. Automerge instruments loading with info-level spans whose fields include the
+/// document's whole change graph, formatted on every sync message and upload: enabled, they
+/// cost more than the apply itself on a long history.
+fn log_filter_spec(rust_log: Option<&str>) -> String {
+    match rust_log.map(str::trim).filter(|s| !s.is_empty()) {
+        Some(spec) if spec.contains("automerge") => spec.to_owned(),
+        Some(spec) => format!("{spec},automerge=warn"),
+        None => "info,automerge=warn".to_owned(),
+    }
 }
 
 /// Where a node's TLS material comes from (a config file section).
@@ -351,5 +364,20 @@ mod tests {
     #[test]
     fn side_by_side_gives_both_results_in_order() {
         assert_eq!(SideBySide.join(|| 1, || "two"), (1, "two"));
+    }
+
+    #[test]
+    fn automerge_spans_stay_off_unless_rust_log_names_automerge() {
+        assert_eq!(log_filter_spec(None), "info,automerge=warn");
+        assert_eq!(log_filter_spec(Some(" ")), "info,automerge=warn");
+        assert_eq!(log_filter_spec(Some("debug")), "debug,automerge=warn");
+        assert_eq!(log_filter_spec(Some("info,automerge=trace")), "info,automerge=trace");
+        let filter = tracing_subscriber::EnvFilter::new(log_filter_spec(Some("info")));
+        let subscriber = tracing_subscriber::fmt().with_env_filter(filter).finish();
+        tracing::subscriber::with_default(subscriber, || {
+            assert!(!tracing::enabled!(target: "automerge::storage::load", tracing::Level::INFO));
+            assert!(tracing::enabled!(target: "automerge::storage::load", tracing::Level::WARN));
+            assert!(tracing::enabled!(target: "cairn_shared::io::runtime", tracing::Level::INFO));
+        });
     }
 }

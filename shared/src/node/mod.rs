@@ -364,12 +364,25 @@ impl Node {
         origin: NodeId,
         reply_to: Option<RequestId>,
     ) {
+        self.persist_added(doc_id, before, origin, reply_to, None);
+    }
+
+    /// [`Node::persist`], with the encoded changes the apply added when the caller knows
+    /// them (see [`Document::added_changes`]), which spares asking Automerge for them.
+    fn persist_added(
+        &mut self,
+        doc_id: DocId,
+        before: &[ChangeHash],
+        origin: NodeId,
+        reply_to: Option<RequestId>,
+        added: Option<Vec<Vec<u8>>>,
+    ) {
         let hlc = self.hlc.new_timestamp().get_time().as_u64();
         let compact_after = self.config.compact_after_changes;
         let Some(document) = self.documents.get_mut(&doc_id) else {
             return;
         };
-        let changes = document.changes_since(before);
+        let changes = added.unwrap_or_else(|| document.changes_since(before));
         let heads = document.doc.get_heads();
         document.is_placeholder = false;
         document.persisting += 1;

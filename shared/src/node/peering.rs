@@ -8,7 +8,7 @@ use automerge::ChangeHash;
 
 use super::cache::{Deferred, Residence};
 use super::{ConnId, Node, Output, Pending, Response};
-use crate::document::{guarded, heads_digest, Document, DocumentError};
+use crate::document::{guarded, heads_digest, parse_change_chunks, Document, DocumentError};
 use crate::frame::encode_frame;
 use crate::ids::{Collection, DocId, NodeId};
 use crate::message::{
@@ -325,6 +325,17 @@ impl Node {
         let carried_changes = !message.changes.is_empty();
         let state = peer.sync_states.entry(doc_id).or_default();
         let before = document.doc.get_heads();
+        let history_before = document.history_len();
+        // Parsed here only to store what the apply adds as it arrived (see `offered`). A
+        // version 2 message carries its changes as one entry of concatenated chunks.
+        let offered = message
+            .changes
+            .iter()
+            .map(parse_change_chunks)
+            .collect::<Option<Vec<_>>>()
+            .map(|entries| entries.into_iter().flatten().collect::<Vec<_>>())
+            .filter(|changes| !changes.is_empty())
+            .map(|changes| document.offered(changes));
         match guarded(|| document.doc.receive_sync_message(state, message)) {
             Ok(()) => {}
             Err(DocumentError::Refused(error)) => {
@@ -348,17 +359,17 @@ impl Node {
         let changed = document.doc.get_heads() != before;
         // A message may carry a whole document as one entry, so changes are counted once
         // applied, before anything is stored: a quarantined merge leaves the store as it was.
-        if changed
-            && document.change_count + document.doc.get_changes_meta(&before).len() > change_limit
-        {
+        let grew_by = document.history_len().saturating_sub(history_before);
+        if changed && document.change_count + grew_by > change_limit {
             return self.quarantine_merge(conn, doc_id, format!("{change_limit} changes"));
         }
+        let added = offered.filter(|_| changed).and_then(|o| document.added_changes(o));
         if let Some(heads) = hub_heads {
             self.hub_advertised(doc_id, heads);
             self.recheck_regions(doc_id);
         }
         if changed {
-            self.persist(doc_id, &before, origin, None);
+            self.persist_added(doc_id, &before, origin, None, added);
         } else {
             let state = self.peers.get_mut(&conn).and_then(|p| p.sync_states.get_mut(&doc_id));
             if let Some(state) = state.filter(|_| carried_changes) {

@@ -6,7 +6,7 @@ use automerge::{Automerge, ChangeHash, LoadOptions, OnPartialLoad, ReadDoc};
 
 use super::cache::{Deferred, Residence};
 use super::{Node, Output, Request, RequestError, RequestId, Response, StatusReport};
-use crate::document::{guarded, heads_hex, Document, DocumentError};
+use crate::document::{guarded, heads_hex, parse_change_chunks, Document, DocumentError};
 use crate::durability::Durability;
 use crate::ids::{Collection, DocId};
 use crate::message::Role;
@@ -329,6 +329,10 @@ impl Node {
             None => self.documents.get_mut(&doc_id)?,
         };
         let before = document.doc.get_heads();
+        // Parsed only to store what the merge adds as it arrived (see `Document::offered`).
+        let offered = parse_change_chunks(bytes)
+            .filter(|changes| !changes.is_empty())
+            .map(|changes| document.offered(changes));
         // Parse everything into a scratch document first, refusing partial data, so a damaged
         // upload is refused whole rather than merged up to the damage.
         let options = LoadOptions::new().on_partial_load(OnPartialLoad::Error);
@@ -369,10 +373,11 @@ impl Node {
         if heads == before {
             return self.answer_unchanged(id, doc_id);
         }
+        let added = offered.and_then(|offered| document.added_changes(offered));
         if let Some(document) = fresh {
             self.documents.insert(doc_id, document);
         }
-        self.persist(doc_id, &before, self.node_id, Some(id));
+        self.persist_added(doc_id, &before, self.node_id, Some(id), added);
         None
     }
 }
