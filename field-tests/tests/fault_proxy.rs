@@ -344,8 +344,13 @@ fn hub_connections(root: &Path) -> anyhow::Result<usize> {
 fn a_partitioned_agent_catches_up_after_healing_and_survives_rebinding() -> anyhow::Result<()> {
     let dir = TestDir::new("fault-proxy")?;
     let link = fast_link(dir.path())?;
-    let hub = Hub::start_with(dir.path(), "hub", free_udp_port()?, &link)?;
-    let proxy = FaultProxy::start(hub.quic, fault_seed()?)?;
+    let hub_port = free_udp_port()?;
+    let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], hub_port)), fault_seed()?)?;
+    // The hub tells its agents the proxy's address as its own, as a hub behind a load balancer
+    // would; otherwise agent A would fail over to the hub's own address, around the partition.
+    let mut hub_args = link.clone();
+    hub_args.extend(["--advertise".to_owned(), proxy.local_addr().to_string()]);
+    let hub = Hub::start_with(dir.path(), "hub", hub_port, &hub_args)?;
     let a = Agent::start_with(dir.path(), "agent-a", proxy.local_addr(), &link)?;
     let b = Agent::start_with(dir.path(), "agent-b", hub.quic, &link)?;
     let result = partition_heal_rebind(dir.path(), &hub, &proxy, &a, &b);
