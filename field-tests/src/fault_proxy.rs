@@ -20,14 +20,16 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::net::UdpSocket;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
+
+use crate::fault_link::{lock, FaultLog, ProxyThread, Way};
 
 /// The environment variable that replays a run's faults.
 pub const SEED_VARIABLE: &str = "CAIRN_FAULT_SEED";
@@ -42,64 +44,8 @@ const RATE_QUEUE_BYTES: usize = 64 * 1024;
 const SCHEDULE_CAPACITY: usize = 16_384;
 /// Most client addresses; each costs a socket and a task, and a test needs a handful.
 const MAX_MAPPINGS: usize = 1_024;
-/// Most events kept in the fault log; the counts go on past it.
-const LOG_CAPACITY: usize = 100_000;
 
-/// Which way packets travel, for the per-direction controls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    /// From clients to the upstream.
-    ToUpstream,
-    /// From the upstream back to clients.
-    ToClient,
-    /// Both ways.
-    Both,
-}
-
-impl Direction {
-    fn ways(self) -> &'static [Way] {
-        match self {
-            Self::ToUpstream => &[Way::ToUpstream],
-            Self::ToClient => &[Way::ToClient],
-            Self::Both => &[Way::ToUpstream, Way::ToClient],
-        }
-    }
-}
-
-impl fmt::Display for Direction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad(match self {
-            Self::ToUpstream => "to-upstream",
-            Self::ToClient => "to-client",
-            Self::Both => "both",
-        })
-    }
-}
-
-/// The way one packet travels; unlike [`Direction`], never both.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Way {
-    ToUpstream,
-    ToClient,
-}
-
-impl Way {
-    fn index(self) -> usize {
-        match self {
-            Self::ToUpstream => 0,
-            Self::ToClient => 1,
-        }
-    }
-}
-
-impl From<Way> for Direction {
-    fn from(way: Way) -> Self {
-        match way {
-            Way::ToUpstream => Self::ToUpstream,
-            Way::ToClient => Self::ToClient,
-        }
-    }
-}
+pub use crate::fault_link::Direction;
 
 /// How many packets each kind of fault touched, and how many rebinds there were.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -163,13 +109,6 @@ impl fmt::Display for Fault {
     }
 }
 
-#[derive(Debug)]
-struct Event {
-    at: Duration,
-    direction: Direction,
-    fault: Fault,
-}
-
 /// A packet on its way: the socket it leaves from and where it goes.
 #[derive(Debug, Clone)]
 struct Packet {
@@ -183,7 +122,6 @@ struct Packet {
 /// between two packets and the RNG is drawn in one order.
 #[derive(Debug)]
 struct State {
-    started: Instant,
     rng: SmallRng,
     links: [LinkFaults; 2],
     /// When each capped direction has sent everything queued on it.
@@ -194,8 +132,7 @@ struct State {
     schedule: BTreeMap<(Instant, u64), Packet>,
     arrivals: u64,
     counts: FaultCounts,
-    log: Vec<Event>,
-    log_overflow: u64,
+    log: FaultLog<Fault>,
 }
 
 impl State {
@@ -310,11 +247,7 @@ impl State {
     }
 
     fn log(&mut self, direction: Direction, fault: Fault) {
-        if self.log.len() < LOG_CAPACITY {
-            self.log.push(Event { at: self.started.elapsed(), direction, fault });
-        } else {
-            self.log_overflow += 1;
-        }
+        self.log.push(direction, fault);
     }
 }
 
@@ -379,16 +312,10 @@ impl Shared {
 
     /// Prints a control change and logs it, so a failing test shows what was injected.
     fn announce(&self, state: &mut State, direction: Direction, what: String) {
-        let at = state.started.elapsed().as_secs_f64();
+        let at = state.log.elapsed().as_secs_f64();
         eprintln!("fault proxy {} at {at:.3}s, {direction}: {what}", self.local);
         state.log(direction, Fault::Set(what));
     }
-}
-
-/// A panic elsewhere cannot leave the state half-updated in a way that matters to a test
-/// tool, so a poisoned lock is used as it is rather than failing every later call.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Must run inside the proxy's runtime.
@@ -460,8 +387,8 @@ pub struct FaultProxy {
     shared: Arc<Shared>,
     runtime: tokio::runtime::Handle,
     seed: u64,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Dropped last, so the runtime stops after the handle's other parts.
+    _thread: ProxyThread,
 }
 
 impl fmt::Debug for FaultProxy {
@@ -490,7 +417,6 @@ impl FaultProxy {
         let local = listener.local_addr()?;
         let now = Instant::now();
         let state = State {
-            started: now,
             rng: SmallRng::seed_from_u64(seed),
             links: [LinkFaults::default(); 2],
             link_free_at: [now; 2],
@@ -498,8 +424,7 @@ impl FaultProxy {
             schedule: BTreeMap::new(),
             arrivals: 0,
             counts: FaultCounts::default(),
-            log: Vec::new(),
-            log_overflow: 0,
+            log: FaultLog::new(now),
         };
         let shared = Arc::new(Shared {
             local,
@@ -511,17 +436,11 @@ impl FaultProxy {
         });
         handle.spawn(listen(shared.clone()));
         handle.spawn(send_due(shared.clone()));
-        let (stop, stopped) = oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("fault-proxy".into())
-            .spawn(move || {
-                let _ = runtime.block_on(stopped);
-            })
-            .context("starting the fault proxy thread")?;
+        let thread = ProxyThread::spawn("fault-proxy", runtime)?;
         eprintln!(
             "fault proxy {local} -> {upstream}: seed {seed} ({SEED_VARIABLE}={seed} replays it)"
         );
-        Ok(Self { shared, runtime: handle, seed, stop: Some(stop), thread: Some(thread) })
+        Ok(Self { shared, runtime: handle, seed, _thread: thread })
     }
 
     /// The address clients send to.
@@ -649,14 +568,7 @@ impl FaultProxy {
 
     /// The fault log, one line per control change or faulted packet, oldest first.
     pub fn log_lines(&self) -> Vec<String> {
-        let state = lock(&self.shared.state);
-        let mut lines: Vec<String> = (state.log.iter())
-            .map(|e| format!("{:>9.3}s {:<11} {}", e.at.as_secs_f64(), e.direction, e.fault))
-            .collect();
-        if state.log_overflow > 0 {
-            lines.push(format!("({} later events not kept)", state.log_overflow));
-        }
-        lines
+        lock(&self.shared.state).log.lines()
     }
 
     fn set(&self, direction: Direction, what: String, change: impl Fn(&mut LinkFaults)) {
@@ -665,17 +577,6 @@ impl FaultProxy {
             change(&mut state.links[way.index()]);
         }
         self.shared.announce(&mut state, direction, what);
-    }
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

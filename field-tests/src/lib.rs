@@ -9,6 +9,7 @@ pub mod client {
     pub use cairn_client::*;
 }
 pub mod bench;
+pub mod fault_link;
 pub mod fault_proxy;
 pub mod process;
 pub mod raw_peer;

@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -32,10 +32,10 @@ use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 
-use crate::fault_proxy::Direction;
+use crate::fault_link::{lock, Direction, FaultLog, ProxyThread, Way};
 
 /// Largest chunk read at once, in bytes.
 const CHUNK_BYTES: usize = 16 * 1024;
@@ -46,8 +46,6 @@ const CHUNKS_IN_FLIGHT: usize = 64;
 const MAX_CONNECTIONS: usize = 256;
 /// How long the proxy waits for the upstream to accept a connection.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Most events kept in the fault log; the counts go on past it.
-const LOG_CAPACITY: usize = 100_000;
 
 /// What the proxy did to connections and to the bytes on them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -74,67 +72,23 @@ struct LinkFaults {
     blackhole: bool,
 }
 
-#[derive(Debug)]
-struct Event {
-    at: Duration,
-    direction: Direction,
-    what: String,
-}
-
 /// Everything the controls change, behind one lock.
 #[derive(Debug)]
 struct State {
-    started: Instant,
     rng: SmallRng,
     upstream: SocketAddr,
     links: [LinkFaults; 2],
     counts: TcpFaultCounts,
-    log: Vec<Event>,
-    log_overflow: u64,
+    log: FaultLog<String>,
 }
 
 impl State {
     fn log(&mut self, direction: Direction, what: String) {
-        if self.log.len() < LOG_CAPACITY {
-            self.log.push(Event { at: self.started.elapsed(), direction, what });
-        } else {
-            self.log_overflow += 1;
-        }
+        self.log.push(direction, what);
     }
 
     fn blackholed(&self) -> bool {
         self.links.iter().any(|link| link.blackhole)
-    }
-}
-
-/// The way one chunk travels; unlike [`Direction`], never both.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Way {
-    ToUpstream,
-    ToClient,
-}
-
-impl Way {
-    fn index(self) -> usize {
-        match self {
-            Self::ToUpstream => 0,
-            Self::ToClient => 1,
-        }
-    }
-
-    fn direction(self) -> Direction {
-        match self {
-            Self::ToUpstream => Direction::ToUpstream,
-            Self::ToClient => Direction::ToClient,
-        }
-    }
-}
-
-fn ways(direction: Direction) -> &'static [Way] {
-    match direction {
-        Direction::ToUpstream => &[Way::ToUpstream],
-        Direction::ToClient => &[Way::ToClient],
-        Direction::Both => &[Way::ToUpstream, Way::ToClient],
     }
 }
 
@@ -161,7 +115,7 @@ impl Shared {
     }
 
     fn announce(&self, state: &mut State, direction: Direction, what: String) {
-        let at = state.started.elapsed().as_secs_f64();
+        let at = state.log.elapsed().as_secs_f64();
         eprintln!("tcp fault proxy {} at {at:.3}s, {direction}: {what}", self.local);
         state.log(direction, what);
         self.changed.send_modify(|generation| *generation += 1);
@@ -179,7 +133,7 @@ impl Shared {
         let by = link.delay + jitter;
         if !by.is_zero() {
             state.counts.delayed += 1;
-            state.log(way.direction(), format!("delayed {by:?}"));
+            state.log(way.into(), format!("delayed {by:?}"));
         }
         (Instant::now() + by).max(after)
     }
@@ -198,7 +152,7 @@ impl Shared {
                 if !stalled {
                     stalled = true;
                     state.counts.stalled += 1;
-                    state.log(way.direction(), "stalled (blackhole)".into());
+                    state.log(way.into(), "stalled (blackhole)".into());
                 }
             }
             if changes.changed().await.is_err() {
@@ -206,12 +160,6 @@ impl Shared {
             }
         }
     }
-}
-
-/// A panic elsewhere cannot leave the state half-updated in a way that matters to a test
-/// tool, so a poisoned lock is used as it is.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
@@ -328,8 +276,8 @@ async fn deliver(
 pub struct TcpFaultProxy {
     shared: Arc<Shared>,
     seed: u64,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Dropped last, so the runtime stops after the handle's other parts.
+    _thread: ProxyThread,
 }
 
 impl fmt::Debug for TcpFaultProxy {
@@ -358,13 +306,11 @@ impl TcpFaultProxy {
             TcpListener::from_std(std_listener)?
         };
         let state = State {
-            started: Instant::now(),
             rng: SmallRng::seed_from_u64(seed),
             upstream,
             links: [LinkFaults::default(); 2],
             counts: TcpFaultCounts::default(),
-            log: Vec::new(),
-            log_overflow: 0,
+            log: FaultLog::new(Instant::now()),
         };
         let shared = Arc::new(Shared {
             local,
@@ -373,15 +319,9 @@ impl TcpFaultProxy {
             changed: watch::channel(0).0,
         });
         runtime.spawn(accept_loop(shared.clone(), listener));
-        let (stop, stopped) = oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("tcp-fault-proxy".into())
-            .spawn(move || {
-                let _ = runtime.block_on(stopped);
-            })
-            .context("starting the tcp fault proxy thread")?;
+        let thread = ProxyThread::spawn("tcp-fault-proxy", runtime)?;
         eprintln!("tcp fault proxy {local} -> {upstream}: seed {seed}");
-        Ok(Self { shared, seed, stop: Some(stop), thread: Some(thread) })
+        Ok(Self { shared, seed, _thread: thread })
     }
 
     /// The address clients connect to.
@@ -448,32 +388,14 @@ impl TcpFaultProxy {
 
     /// The fault log, one line per control change, connection event or faulted chunk.
     pub fn log_lines(&self) -> Vec<String> {
-        let state = self.shared.state();
-        let mut lines: Vec<String> = (state.log.iter())
-            .map(|e| format!("{:>9.3}s {:<11} {}", e.at.as_secs_f64(), e.direction, e.what))
-            .collect();
-        if state.log_overflow > 0 {
-            lines.push(format!("({} later events not kept)", state.log_overflow));
-        }
-        lines
+        self.shared.state().log.lines()
     }
 
     fn set(&self, direction: Direction, what: String, change: impl Fn(&mut LinkFaults)) {
         let mut state = self.shared.state();
-        for way in ways(direction) {
+        for way in direction.ways() {
             change(&mut state.links[way.index()]);
         }
         self.shared.announce(&mut state, direction, what);
-    }
-}
-
-impl Drop for TcpFaultProxy {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
