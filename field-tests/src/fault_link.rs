@@ -122,6 +122,15 @@ pub(crate) struct ProxyThread {
 }
 
 impl ProxyThread {
+    /// The runtime a proxy's tasks run on: current-thread, so packet and chunk handling is
+    /// single-threaded.
+    pub(crate) fn runtime(name: &str) -> anyhow::Result<tokio::runtime::Runtime> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .with_context(|| format!("building the {name} runtime"))
+    }
+
     /// Runs `runtime` on a thread named `name` until this handle is dropped.
     pub(crate) fn spawn(name: &str, runtime: tokio::runtime::Runtime) -> anyhow::Result<Self> {
         let (stop, stopped) = oneshot::channel::<()>();

@@ -405,10 +405,7 @@ impl FaultProxy {
     /// Starts a proxy on an ephemeral 127.0.0.1 port forwarding to `upstream`, with no
     /// faults; `seed` drives every random decision.
     pub fn start(upstream: SocketAddr, seed: u64) -> anyhow::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("building the fault proxy runtime")?;
+        let runtime = ProxyThread::runtime("fault proxy")?;
         let handle = runtime.handle().clone();
         let listener = {
             let _inside = handle.enter();

@@ -294,10 +294,7 @@ impl TcpFaultProxy {
     /// Starts a proxy on an ephemeral 127.0.0.1 port relaying to `upstream`, with no faults;
     /// `seed` drives the jitter.
     pub fn start(upstream: SocketAddr, seed: u64) -> anyhow::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("building the tcp fault proxy runtime")?;
+        let runtime = ProxyThread::runtime("tcp fault proxy")?;
         let std_listener = StdTcpListener::bind("127.0.0.1:0").context("binding a proxy port")?;
         std_listener.set_nonblocking(true)?;
         let local = std_listener.local_addr()?;
