@@ -24,6 +24,17 @@ pub fn proc_status_kib(pid: &str, field: &str) -> Option<u64> {
     })
 }
 
+/// CPU time a process has used, user and system, from `/proc/<pid>/stat`.
+pub fn proc_cpu(pid: u32) -> Option<std::time::Duration> {
+    // Kernel clock ticks as `/proc` reports them: USER_HZ, 100 on every Linux ABI.
+    const TICKS_PER_SEC: u64 = 100;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name in parentheses may hold spaces; fields are counted after it.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(std::time::Duration::from_millis(ticks * 1000 / TICKS_PER_SEC))
+}
+
 /// Sixteen well-mixed bytes from `i` (splitmix64), so ids built from 0, 1, 2… spread over the
 /// whole id space as random ones do, and any prefix of such a list is spread just as well.
 pub fn spread_id(i: u64) -> [u8; 16] {

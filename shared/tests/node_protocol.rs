@@ -1070,3 +1070,72 @@ fn a_merge_past_the_document_limit_quarantines_the_document_not_the_peer() {
     assert!(pair.catalog_heads(0).contains_key(&small.doc_id), "other documents still sync");
     assert_eq!(pair.nodes[0].ready_peers(), 1);
 }
+
+/// Sync messages `side` sent since entry `from` of `sent` that carried changes.
+fn change_messages_since(pair: &Pair, side: usize, from: usize) -> usize {
+    let carried = |message: &Message| match message {
+        Message::DocSync { sync_message, .. } => {
+            !automerge::sync::Message::decode(sync_message).unwrap().changes.is_empty()
+        }
+        _ => false,
+    };
+    pair.sent[from..].iter().filter(|(s, m, _)| *s == side && carried(m)).count()
+}
+
+#[test]
+fn a_document_written_in_a_stream_reaches_a_peer_once_per_batch_window() {
+    let document = stored_doc(1, &["a"]);
+    let doc_id = document.doc_id;
+    let mut pair = Pair::new([vec![document.clone()], vec![document]]);
+    pair.connect();
+    let window = SyncConfig::edge().sync_batch_window();
+    let edit = |pair: &mut Pair, id: u64, value: u64, now: Instant| {
+        let ops: Vec<Op> =
+            serde_json::from_value(json!([{"op": "set", "path": ["k"], "value": value}])).unwrap();
+        let request = Request::Edit { doc_id, ops };
+        pair.nodes[1].handle_input(now, Input::Request { id, request });
+        pair.run(now);
+    };
+
+    // Written now and then: each write goes at once.
+    let start = Instant::now() + Duration::from_secs(10);
+    let before = pair.sent.len();
+    edit(&mut pair, 1, 1, start);
+    assert_eq!(change_messages_since(&pair, 1, before), 1);
+    assert_eq!(pair.heads(0), pair.heads(1), "an idle document's write is not held");
+
+    // Written in a stream: writes inside the window wait for it to close, then go together.
+    let before = pair.sent.len();
+    edit(&mut pair, 2, 2, start + window / 4);
+    edit(&mut pair, 3, 3, start + window / 2);
+    assert_eq!(change_messages_since(&pair, 1, before), 0, "held inside the window");
+    assert_ne!(pair.heads(0), pair.heads(1));
+    let due = pair.nodes[1].poll_timeout().expect("a timer for the held message");
+    assert!(due <= start + window, "held no longer than the window");
+    pair.nodes[1].handle_timeout(due);
+    pair.run(due);
+    assert_eq!(change_messages_since(&pair, 1, before), 1, "both writes in one message");
+    assert_eq!(pair.heads(0), pair.heads(1));
+}
+
+#[test]
+fn with_a_zero_window_every_write_goes_at_once() {
+    let document = stored_doc(1, &["a"]);
+    let doc_id = document.doc_id;
+    let unpaced =
+        |preset| SyncConfig { sync_batch_window_ms: 0, heartbeat_interval_ms: 0, ..preset };
+    let configs = [unpaced(SyncConfig::hub()), unpaced(SyncConfig::edge())];
+    let mut pair = Pair::cold_with([vec![document.clone()], vec![document]], configs);
+    pair.connect();
+    let now = Instant::now();
+    let before = pair.sent.len();
+    for value in 1..=3 {
+        let ops: Vec<Op> =
+            serde_json::from_value(json!([{"op": "set", "path": ["k"], "value": value}])).unwrap();
+        let request = Request::Edit { doc_id, ops };
+        pair.nodes[1].handle_input(now, Input::Request { id: value, request });
+        pair.run(now);
+        assert_eq!(pair.heads(0), pair.heads(1), "write {value} reached the hub at once");
+    }
+    assert_eq!(change_messages_since(&pair, 1, before), 3);
+}

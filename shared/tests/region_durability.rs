@@ -274,6 +274,9 @@ fn a_region_that_has_not_committed_a_write_is_not_counted() {
         panic!("edit not answered");
     };
     let id = mesh.await_regions(AGENT, doc_id, &later, 2);
+    // The edit follows the create within the sync batch window: it reaches hub a once the
+    // window closes, before the wait's deadline.
+    mesh.advance(Duration::from_millis(200));
     mesh.advance(Duration::from_secs(6));
     let report = mesh.report(AGENT, id).unwrap();
     assert_eq!(report.regions, regions(&["a"]), "region b holds the older heads only");

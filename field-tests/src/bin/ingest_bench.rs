@@ -1,6 +1,9 @@
 //! Ingest benchmark: replays the automerge-perf editing trace (259,778 single-character edits
 //! of a LaTeX paper) in-process into a bare Automerge document, and end to end through a real
-//! agent, hub and second agent, and prints a Markdown table comparing the two.
+//! agent and hub (the agent-to-hub path: timed until the hub has committed everything), and
+//! prints a Markdown table comparing the two. With `--fan-out` a second agent, B, follows the
+//! hub and is timed too; the three nodes then share this machine's cores, which on a small
+//! machine says more about the machine than about the path.
 //!
 //! Each end-to-end request carries a batch of splice ops (one Automerge change, answered only
 //! once durable) and requests are sent one after another, because trace order matters: the
@@ -9,12 +12,12 @@
 //! With `--am-trace`, it also replays saved Automerge documents (the Eg-walker traces S1, C1,
 //! C2 and A2): their changes, in causal order and in batches, are applied to a bare document
 //! in process, and imported as raw change bytes into agent A, one durable merge per request,
-//! until agent B has the saved document's heads. C1 and C2 are two users editing concurrently,
+//! until the hub (and B) has the saved document's heads. C1 and C2 are two users editing concurrently,
 //! the expensive case for merges.
 //!
 //! Build the release binaries first: `cargo build --release --workspace --bins`, then
 //! `cargo run --release -p field-tests --bin ingest-bench -- [--trace PATH] [--batch N[:EDITS] ...] [--limit N]
-//! [--am-trace NAME_OR_PATH ...] [--am-batch N]`.
+//! [--am-trace NAME_OR_PATH ...] [--am-batch N] [--fan-out]`.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -24,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use automerge::transaction::Transactable;
 use automerge::{AutoSerde, Automerge, Change, ObjType, ReadDoc, ROOT};
-use field_tests::bench::{machine, proc_status_kib, thousands};
+use field_tests::bench::{machine, proc_cpu, proc_status_kib, thousands};
 use field_tests::{free_udp_port, wait_for, Agent, ApiClient, Hub, TestDir};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -49,6 +52,9 @@ const DEFAULT_RUNS: &[(usize, Option<usize>)] = &[(1, None), (100, None), (1000,
 
 /// In-process replays per run; the fastest is reported.
 const RAW_REPEATS: usize = 3;
+
+/// The collection the benchmark's document is created in.
+const COLLECTION: &str = "bench";
 
 /// How long agent B may take to catch up after A's last answer.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(600);
@@ -88,11 +94,13 @@ struct Args {
     /// Saved-document traces to replay, as names (next to the edit trace) or paths.
     am_traces: Vec<String>,
     am_batch: usize,
+    /// Also run agent B, which the hub sends everything to, and time until B has it.
+    fan_out: bool,
 }
 
 const USAGE: &str = "\
 usage: ingest-bench [--trace PATH] [--batch N[:EDITS][,N[:EDITS]...]]... [--limit N]
-                    [--am-trace NAME_OR_PATH]... [--am-traces all] [--am-batch N]
+                    [--am-trace NAME_OR_PATH]... [--am-traces all] [--am-batch N] [--fan-out]
 
   --trace PATH    automerge-perf edits.json (default: shared/data/automerge-traces/edits.json
                   next to the repository)
@@ -104,7 +112,9 @@ usage: ingest-bench [--trace PATH] [--batch N[:EDITS][,N[:EDITS]...]]... [--limi
   --am-trace T    also replay a saved Automerge document's changes (S1, C1, C2, A2: names
                   resolve next to the edit trace; or a path); repeatable or comma-separated
   --am-traces all the same for S1, C1, C2 and A2
-  --am-batch N    changes per request and per in-process apply for --am-trace (default 100)";
+  --am-batch N    changes per request and per in-process apply for --am-trace (default 100)
+  --fan-out       also run a second agent, B, that the hub forwards everything to, and time
+                  until B has it (three nodes sharing this machine's cores)";
 
 fn parse_args() -> anyhow::Result<Option<Args>> {
     let mut trace = PathBuf::from(DEFAULT_TRACE);
@@ -112,6 +122,7 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
     let mut limit = None;
     let mut am_traces = Vec::new();
     let mut am_batch = DEFAULT_AM_BATCH;
+    let mut fan_out = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
@@ -140,6 +151,7 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
                 am_batch = value("--am-batch")?.parse().context("--am-batch")?;
                 anyhow::ensure!(am_batch > 0, "--am-batch must be positive");
             }
+            "--fan-out" => fan_out = true,
             "-h" | "--help" => return Ok(None),
             other => anyhow::bail!("unknown argument {other:?}\n{USAGE}"),
         }
@@ -147,7 +159,7 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
     if runs.is_empty() {
         runs = DEFAULT_RUNS.to_vec();
     }
-    Ok(Some(Args { trace, runs, limit, am_traces, am_batch }))
+    Ok(Some(Args { trace, runs, limit, am_traces, am_batch, fan_out }))
 }
 
 fn parse_batch_spec(spec: &str) -> anyhow::Result<(usize, Option<usize>)> {
@@ -252,22 +264,35 @@ fn raw_floor(edits: &[Edit], batch: usize) -> anyhow::Result<RawResult> {
 struct E2eResult {
     requests: usize,
     acked: Duration,
-    visible: Duration,
+    /// Until the hub's heads index held A's final heads: the agent-to-hub path.
+    hub_visible: Duration,
+    /// Until agent B's heads index held them, with `--fan-out`.
+    visible: Option<Duration>,
     hub_rss_kib: Option<u64>,
     a_rss_kib: Option<u64>,
     b_rss_kib: Option<u64>,
+    /// CPU time the hub and A used while timed.
+    hub_cpu: Duration,
+    a_cpu: Duration,
 }
 
 /// Replays `edits` on agent A in requests of `batch` splice ops and waits for agent B to
 /// reach A's final heads with `expected` as its text.
-fn end_to_end(edits: &[Edit], batch: usize, expected: &str) -> anyhow::Result<E2eResult> {
+fn end_to_end(
+    edits: &[Edit],
+    batch: usize,
+    expected: &str,
+    fan_out: bool,
+) -> anyhow::Result<E2eResult> {
     let dir = TestDir::new(&format!("ingest-bench-{batch}"))?;
     let hub = Hub::start(dir.path(), "hub", free_udp_port()?)?;
     let a = Agent::start(dir.path(), "agent-a", hub.quic)?;
-    let b = Agent::start(dir.path(), "agent-b", hub.quic)?;
-    let id = a.api.create("bench", &json!({"text": ""}))?;
-    // Discovery of the document is not what is measured: start once B has it.
-    wait_for("agent B to have the empty document", CATCH_UP_TIMEOUT, || b.api.try_read(&id))?;
+    let b = fan_out.then(|| Agent::start(dir.path(), "agent-b", hub.quic)).transpose()?;
+    let id = a.api.create(COLLECTION, &json!({"text": ""}))?;
+    // Discovery of the document is not what is measured: start once the hub (and B) have it.
+    for api in std::iter::once(&hub.http).chain(b.as_ref().map(|b| &b.api)) {
+        wait_for("the empty document to arrive", CATCH_UP_TIMEOUT, || committed_heads(api))?;
+    }
 
     // Bodies are serialized up front so the clock measures the service, not this client.
     let bodies: Vec<Vec<u8>> = edits
@@ -286,6 +311,7 @@ fn end_to_end(edits: &[Edit], batch: usize, expected: &str) -> anyhow::Result<E2
     let path = format!("/v1/docs/{id}/ops");
     let step = bodies.len().div_ceil(10).max(1);
 
+    let cpu_before = cpu_of(&hub, &a);
     let started = Instant::now();
     let mut heads: Vec<String> = Vec::new();
     let mut done = 0;
@@ -311,33 +337,56 @@ fn end_to_end(edits: &[Edit], batch: usize, expected: &str) -> anyhow::Result<E2
     }
     let acked = started.elapsed();
     eprintln!(
-        "  batch {batch}: all {done} edits acked by A in {:.2} s; waiting for B",
+        "  batch {batch}: all {done} edits acked by A in {:.2} s; waiting for the hub",
         acked.as_secs_f64()
     );
-    wait_for("agent B to reach A's final heads", CATCH_UP_TIMEOUT, || {
-        b.api.try_read(&id).filter(|view| view.heads == heads)
+    let heads = sorted(heads);
+    wait_for("the hub to commit A's final heads", CATCH_UP_TIMEOUT, || {
+        committed_heads(&hub.http).filter(|h| *h == heads)
     })?;
-    let visible = started.elapsed();
-
-    check_text(&b.api, &id, "B", expected)?;
-    check_text(&a.api, &id, "A", expected)?;
+    let hub_visible = started.elapsed();
+    let (hub_cpu, a_cpu) = cpu_since(cpu_before, &hub, &a);
+    let visible = match &b {
+        Some(b) => {
+            wait_for("agent B to commit A's final heads", CATCH_UP_TIMEOUT, || {
+                committed_heads(&b.api).filter(|h| *h == heads)
+            })?;
+            check_text(&b.api, &id, "agent B", expected)?;
+            Some(started.elapsed())
+        }
+        None => None,
+    };
+    check_text(&a.api, &id, "agent A", expected)?;
+    check_text(&hub.http, &id, "the hub", expected)?;
     let hub_rss_kib = proc_status_kib(&hub.pid().to_string(), "VmHWM");
     let a_rss_kib = proc_status_kib(&a.pid().to_string(), "VmHWM");
-    let b_rss_kib = proc_status_kib(&b.pid().to_string(), "VmHWM");
-    b.terminate()?;
+    let b_rss_kib = b.as_ref().and_then(|b| proc_status_kib(&b.pid().to_string(), "VmHWM"));
+    if let Some(b) = b {
+        b.terminate()?;
+    }
     a.terminate()?;
     hub.terminate()?;
-    Ok(E2eResult { requests: bodies.len(), acked, visible, hub_rss_kib, a_rss_kib, b_rss_kib })
+    Ok(E2eResult {
+        requests: bodies.len(),
+        acked,
+        hub_visible,
+        visible,
+        hub_rss_kib,
+        a_rss_kib,
+        b_rss_kib,
+        hub_cpu,
+        a_cpu,
+    })
 }
 
 fn check_text(api: &ApiClient, id: &str, node: &str, expected: &str) -> anyhow::Result<()> {
-    let view = api.read(id)?.with_context(|| format!("agent {node} lost the document"))?;
+    let view = api.read(id)?.with_context(|| format!("{node} lost the document"))?;
     let text = view.doc["text"]
         .as_str()
-        .with_context(|| format!("agent {node}: text is not a string: {}", view.doc))?;
+        .with_context(|| format!("{node}: text is not a string: {}", view.doc))?;
     anyhow::ensure!(
         text == expected,
-        "agent {node}'s text ({} chars) differs from the in-process replay ({} chars)",
+        "{node}'s text ({} chars) differs from the in-process replay ({} chars)",
         text.chars().count(),
         expected.chars().count()
     );
@@ -458,28 +507,32 @@ fn am_raw_floor(trace: &AmTrace) -> anyhow::Result<AmRawResult> {
 
 /// Creates the document on agent A from the first batch, then imports every other batch into
 /// A, one request at a time, and waits for agent B to reach the saved document's heads.
-fn am_end_to_end(trace: &AmTrace, expected: &Value) -> anyhow::Result<E2eResult> {
+fn am_end_to_end(trace: &AmTrace, expected: &Value, fan_out: bool) -> anyhow::Result<E2eResult> {
     let dir = TestDir::new(&format!("ingest-bench-{}", trace.name))?;
     let hub = Hub::start(dir.path(), "hub", free_udp_port()?)?;
     let a = Agent::start(dir.path(), "agent-a", hub.quic)?;
-    let b = Agent::start(dir.path(), "agent-b", hub.quic)?;
+    let b = fan_out.then(|| Agent::start(dir.path(), "agent-b", hub.quic)).transpose()?;
     // Bodies are built up front so the clock measures the service, not this client.
     let bodies: Vec<Vec<u8>> = trace.batches.iter().map(|batch| change_bytes(batch)).collect();
-    let created = a.api.create_from_bytes("bench", &bodies[0])?;
+    let created = a.api.create_from_bytes(COLLECTION, &bodies[0])?;
     let id = created.id;
     let first_heads = {
         let mut heads = created.heads;
         heads.sort();
         heads
     };
-    // Discovery of the document is not what is measured: start once B has the first batch.
-    wait_for("agent B to have the first batch", CATCH_UP_TIMEOUT, || {
-        b.api.try_read(&id).filter(|view| sorted(view.heads.clone()) == first_heads)
-    })?;
+    // Discovery of the document is not what is measured: start once the hub (and B) have
+    // the first batch.
+    for api in std::iter::once(&hub.http).chain(b.as_ref().map(|b| &b.api)) {
+        wait_for("the first batch to arrive", CATCH_UP_TIMEOUT, || {
+            committed_heads(api).filter(|heads| *heads == first_heads)
+        })?;
+    }
 
     let timed = bodies.len() - 1;
     let step = timed.div_ceil(10).max(1);
     let mut done = 0;
+    let cpu_before = cpu_of(&hub, &a);
     let started = Instant::now();
     for (i, (body, batch)) in bodies.iter().zip(&trace.batches).enumerate().skip(1) {
         a.api
@@ -498,30 +551,63 @@ fn am_end_to_end(trace: &AmTrace, expected: &Value) -> anyhow::Result<E2eResult>
     }
     let acked = started.elapsed();
     eprintln!(
-        "  {}: all {done} changes acked by A in {:.2} s; waiting for B",
+        "  {}: all {done} changes acked by A in {:.2} s; waiting for the hub",
         trace.name,
         acked.as_secs_f64()
     );
-    wait_for("agent B to reach the saved document's heads", CATCH_UP_TIMEOUT, || {
-        b.api.try_read(&id).filter(|view| sorted(view.heads.clone()) == trace.heads)
+    wait_for("the hub to commit the saved document's heads", CATCH_UP_TIMEOUT, || {
+        committed_heads(&hub.http).filter(|h| *h == trace.heads)
     })?;
-    let visible = started.elapsed();
+    let hub_visible = started.elapsed();
+    let (hub_cpu, a_cpu) = cpu_since(cpu_before, &hub, &a);
+    let visible = match &b {
+        Some(b) => {
+            wait_for("agent B to commit the saved document's heads", CATCH_UP_TIMEOUT, || {
+                committed_heads(&b.api).filter(|h| *h == trace.heads)
+            })?;
+            Some(started.elapsed())
+        }
+        None => None,
+    };
 
-    for (node, api) in [("B", &b.api), ("A", &a.api)] {
-        let view = api.read(&id)?.with_context(|| format!("agent {node} lost the document"))?;
+    let nodes = [("agent A", Some(&a.api)), ("the hub", Some(&hub.http))];
+    let b_node = ("agent B", b.as_ref().map(|b| &b.api));
+    for (node, api) in nodes.into_iter().chain([b_node]) {
+        let Some(api) = api else { continue };
+        let view = api.read(&id)?.with_context(|| format!("{node} lost the document"))?;
         anyhow::ensure!(
             &view.doc == expected,
-            "{}: agent {node}'s document differs from the in-process replay",
+            "{}: {node}'s document differs from the in-process replay",
             trace.name
         );
     }
     let hub_rss_kib = proc_status_kib(&hub.pid().to_string(), "VmHWM");
     let a_rss_kib = proc_status_kib(&a.pid().to_string(), "VmHWM");
-    let b_rss_kib = proc_status_kib(&b.pid().to_string(), "VmHWM");
-    b.terminate()?;
+    let b_rss_kib = b.as_ref().and_then(|b| proc_status_kib(&b.pid().to_string(), "VmHWM"));
+    if let Some(b) = b {
+        b.terminate()?;
+    }
     a.terminate()?;
     hub.terminate()?;
-    Ok(E2eResult { requests: bodies.len(), acked, visible, hub_rss_kib, a_rss_kib, b_rss_kib })
+    Ok(E2eResult {
+        requests: bodies.len(),
+        acked,
+        hub_visible,
+        visible,
+        hub_rss_kib,
+        a_rss_kib,
+        b_rss_kib,
+        hub_cpu,
+        a_cpu,
+    })
+}
+
+/// The committed heads of the benchmark's one document on a node, sorted, from its heads
+/// index: polling this costs the node no materialization of the document, which for the
+/// larger traces would take a good share of a core at every poll.
+fn committed_heads(api: &ApiClient) -> Option<Vec<String>> {
+    let page = api.list(COLLECTION, None, 1).ok()?;
+    page.docs.into_iter().next().map(|doc| sorted(doc.heads))
 }
 
 fn sorted(mut heads: Vec<String>) -> Vec<String> {
@@ -530,7 +616,7 @@ fn sorted(mut heads: Vec<String>) -> Vec<String> {
 }
 
 /// Replays every `.am` trace and prints their table.
-fn am_runs(names: &[String], data_dir: &Path, batch: usize) -> anyhow::Result<()> {
+fn am_runs(names: &[String], data_dir: &Path, batch: usize, fan_out: bool) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut single = Vec::new();
     for name in names {
@@ -558,11 +644,12 @@ fn am_runs(names: &[String], data_dir: &Path, batch: usize) -> anyhow::Result<()
             raw.elapsed.as_secs_f64(),
             group(rate(trace.timed_changes(), raw.elapsed))
         );
-        let e2e = am_end_to_end(&trace, &raw.json)?;
+        let e2e = am_end_to_end(&trace, &raw.json, fan_out)?;
         eprintln!(
-            "  {}: B has the saved document's heads after {:.2} s",
+            "  {}: the hub has the saved document's heads after {:.2} s{}",
             trace.name,
-            e2e.visible.as_secs_f64()
+            e2e.hub_visible.as_secs_f64(),
+            b_after(&e2e)
         );
         rows.push((trace, raw, e2e));
     }
@@ -570,30 +657,37 @@ fn am_runs(names: &[String], data_dir: &Path, batch: usize) -> anyhow::Result<()
     println!("\n## Saved Automerge documents, {batch} changes per batch\n");
     println!(
         "| trace | changes | batches | raw apply changes/s | e2e acked changes/s \
-         | e2e B-visible changes/s | B-visible/raw | hub peak RSS MiB | A peak RSS MiB \
-         | B peak RSS MiB |"
+         | e2e hub-visible changes/s | e2e B-visible changes/s | hub-visible/raw \
+         | B-visible/raw | A / hub CPU s | hub peak RSS MiB | A peak RSS MiB | B peak RSS MiB |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (trace, raw, e2e) in &rows {
         let timed = trace.timed_changes();
         let raw_rate = rate(timed, raw.elapsed);
-        let visible_rate = rate(timed, e2e.visible);
+        let hub_rate = rate(timed, e2e.hub_visible);
+        let visible_rate = e2e.visible.map(|v| rate(timed, v));
         println!(
-            "| {} | {} | {} | {} | {} | {} | {:.4} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.4} | {} | {} | {} | {} | {} |",
             trace.name,
             group(trace.changes as f64),
             group(e2e.requests as f64),
             group(raw_rate),
             group(rate(timed, e2e.acked)),
-            group(visible_rate),
-            visible_rate / raw_rate,
+            group(hub_rate),
+            visible_rate.map_or_else(|| "-".into(), group),
+            hub_rate / raw_rate,
+            ratio(visible_rate, raw_rate),
+            cpu_pair(e2e),
             mib(e2e.hub_rss_kib),
             mib(e2e.a_rss_kib),
             mib(e2e.b_rss_kib),
         );
     }
     for trace in &single {
-        println!("| {} | {} | 1 | - | - | - | - | - | - | - |", trace.name, trace.changes);
+        println!(
+            "| {} | {} | 1 | - | - | - | - | - | - | - | - | - | - |",
+            trace.name, trace.changes
+        );
     }
     println!();
     if !single.is_empty() {
@@ -608,9 +702,9 @@ fn am_runs(names: &[String], data_dir: &Path, batch: usize) -> anyhow::Result<()
          timed; rates are over the other changes. Raw apply: in-process `apply_changes` per \
          batch into a fresh document, fastest of {RAW_REPEATS}. End to end: sequential \
          POST /v1/docs/{{id}}/automerge of each batch's raw change bytes to agent A, one \
-         durable merge per request; acked is until A's last answer, B-visible until agent B \
-         reports the saved document's heads (polled every 25 ms). B's and A's JSON equal the \
-         in-process replay's.",
+         durable merge per request; acked is until A's last answer, hub-visible until the hub's \
+         heads index holds the saved document's heads, B-visible until agent B's does (each \
+         polled every 25 ms). B's and A's JSON equal the in-process replay's.",
         MAX_AM_BODY_BYTES / (1024 * 1024)
     );
     Ok(())
@@ -644,6 +738,32 @@ fn group(value: f64) -> String {
         return "-".into();
     }
     thousands(value.max(0.0).round() as u64)
+}
+
+/// "A / hub" CPU seconds while timed.
+fn cpu_pair(e2e: &E2eResult) -> String {
+    format!("{:.1} / {:.1}", e2e.a_cpu.as_secs_f64(), e2e.hub_cpu.as_secs_f64())
+}
+
+/// CPU time the hub and agent A have used so far.
+fn cpu_of(hub: &Hub, a: &Agent) -> (Duration, Duration) {
+    (proc_cpu(hub.pid()).unwrap_or_default(), proc_cpu(a.pid()).unwrap_or_default())
+}
+
+/// CPU time the hub and agent A used since `before`.
+fn cpu_since(before: (Duration, Duration), hub: &Hub, a: &Agent) -> (Duration, Duration) {
+    let (hub_now, a_now) = cpu_of(hub, a);
+    (hub_now.saturating_sub(before.0), a_now.saturating_sub(before.1))
+}
+
+/// A rate over the raw rate, or "-" for a run that did not measure it.
+fn ratio(rate: Option<f64>, raw_rate: f64) -> String {
+    rate.map_or_else(|| "-".into(), |r| format!("{:.4}", r / raw_rate))
+}
+
+/// ", B after N s" for a run with agent B.
+fn b_after(e2e: &E2eResult) -> String {
+    e2e.visible.map_or_else(String::new, |v| format!(", B after {:.2} s", v.as_secs_f64()))
 }
 
 fn mib(kib: Option<u64>) -> String {
@@ -738,11 +858,12 @@ fn run() -> anyhow::Result<()> {
             raw.elapsed.as_secs_f64(),
             group(rate(spec.edits, raw.elapsed))
         );
-        let e2e = end_to_end(edits, spec.batch, &raw.text)?;
+        let e2e = end_to_end(edits, spec.batch, &raw.text, args.fan_out)?;
         eprintln!(
-            "  batch {}: B has A's final heads after {:.2} s",
+            "  batch {}: the hub has A's final heads after {:.2} s{}",
             spec.batch,
-            e2e.visible.as_secs_f64()
+            e2e.hub_visible.as_secs_f64(),
+            b_after(&e2e)
         );
         rows.push((*spec, raw, e2e));
     }
@@ -758,26 +879,30 @@ fn run() -> anyhow::Result<()> {
         filesystem_of(&temp)
     );
     println!(
-        "| batch | edits | requests | raw apply ops/s | e2e acked ops/s | e2e B-visible ops/s \
-         | acked/raw | B-visible/raw | raw peak RSS MiB | hub peak RSS MiB | A peak RSS MiB \
-         | B peak RSS MiB |"
+        "| batch | edits | requests | raw apply ops/s | e2e acked ops/s | e2e hub-visible ops/s \
+         | e2e B-visible ops/s | acked/raw | hub-visible/raw | B-visible/raw | A / hub CPU s \
+         | raw peak RSS MiB | hub peak RSS MiB | A peak RSS MiB | B peak RSS MiB |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (spec, raw, e2e) in &rows {
         let raw_rate = rate(spec.edits, raw.elapsed);
         let acked_rate = rate(spec.edits, e2e.acked);
-        let visible_rate = rate(spec.edits, e2e.visible);
+        let hub_rate = rate(spec.edits, e2e.hub_visible);
+        let visible_rate = e2e.visible.map(|v| rate(spec.edits, v));
         println!(
-            "| {} | {}{} | {} | {} | {} | {} | {:.4} | {:.4} | {} | {} | {} | {} |",
+            "| {} | {}{} | {} | {} | {} | {} | {} | {:.4} | {:.4} | {} | {} | {} | {} | {} | {} |",
             spec.batch,
             group(spec.edits as f64),
             if spec.default_prefix { "*" } else { "" },
             group(e2e.requests as f64),
             group(raw_rate),
             group(acked_rate),
-            group(visible_rate),
+            group(hub_rate),
+            visible_rate.map_or_else(|| "-".into(), group),
             acked_rate / raw_rate,
-            visible_rate / raw_rate,
+            hub_rate / raw_rate,
+            ratio(visible_rate, raw_rate),
+            cpu_pair(e2e),
             mib(raw.peak_rss_kib),
             mib(e2e.hub_rss_kib),
             mib(e2e.a_rss_kib),
@@ -795,8 +920,9 @@ fn run() -> anyhow::Result<()> {
         "Raw apply: in-process Automerge, one transaction per batch, no I/O, fastest of \
          {RAW_REPEATS} replays. End to end: \
          sequential POST /v1/docs/{{id}}/ops to agent A, one change per request; acked is \
-         until A's last answer, B-visible until agent B (through the hub) reports A's final \
-         heads (polled every 25 ms), both from the first request."
+         until A's last answer, hub-visible until the hub's heads index holds A's final heads, \
+         B-visible until agent B's (through the hub) does (each polled every 25 ms), all from \
+         the first request."
     );
     let bases: Vec<String> = rows
         .iter()
@@ -810,7 +936,7 @@ fn run() -> anyhow::Result<()> {
     );
     if !args.am_traces.is_empty() {
         let data_dir = trace_path.parent().unwrap_or(Path::new("."));
-        am_runs(&args.am_traces, data_dir, args.am_batch)?;
+        am_runs(&args.am_traces, data_dir, args.am_batch, args.fan_out)?;
     }
     Ok(())
 }

@@ -169,7 +169,7 @@ impl Node {
 
     /// Evicts least recently used documents until the cache is within its budget. Documents
     /// that work is in progress on stay: uncommitted appends, parked reads, news not yet sent,
-    /// a change-carrying message a peer has not answered.
+    /// a change-carrying message a peer has not answered or one held back (`pacing`).
     pub(super) fn evict_over_budget(&mut self) {
         let budget = self.config.document_cache_bytes;
         let mut busy = Vec::new();
@@ -193,6 +193,7 @@ impl Node {
             && !self.parked_reads.contains_key(doc_id)
             && !self.announced.contains(doc_id)
             && !self.peers.values().any(|p| p.awaiting_reply.contains(doc_id))
+            && !self.pacing.is_held(doc_id)
     }
 
     /// Sync states stay as they are: a state cut down to Automerge's persisted form (the

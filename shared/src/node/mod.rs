@@ -35,6 +35,7 @@ mod directory;
 mod heartbeat;
 mod holding;
 mod lag;
+mod pacing;
 mod peering;
 mod reconciling;
 mod regions;
@@ -108,6 +109,10 @@ pub struct Node {
     region_watches: BTreeMap<DocId, Vec<regions::RegionWatch>>,
     /// Watches held per connection, which [`regions`] bounds.
     watches_per_peer: BTreeMap<ConnId, usize>,
+    /// Change-carrying sync messages held until their document's window closes.
+    pacing: pacing::Pacing,
+    /// The time of the input or timeout being handled.
+    now: Option<Instant>,
     stats: NodeStats,
 }
 
@@ -132,6 +137,7 @@ impl Node {
         hlc: uhlc::HLC,
         config: SyncConfig,
     ) -> Self {
+        let pacing = pacing::Pacing::new(config.sync_batch_window());
         Self {
             node_id,
             role,
@@ -162,6 +168,8 @@ impl Node {
             hub_regions: BTreeMap::new(),
             region_watches: BTreeMap::new(),
             watches_per_peer: BTreeMap::new(),
+            pacing,
+            now: None,
             stats: NodeStats::default(),
         }
     }
@@ -260,6 +268,7 @@ impl Node {
 
     /// Feeds one input.
     pub fn handle_input(&mut self, now: Instant, input: Input) {
+        self.now = Some(now);
         self.evict_over_budget();
         self.next_anti_entropy.get_or_insert(now + self.config.anti_entropy_interval());
         match input {
@@ -283,6 +292,7 @@ impl Node {
             self.next_region_deadline(),
             hello_deadline,
             self.next_heartbeat(),
+            self.pacing.next_due(),
         ]
         .into_iter()
         .flatten()
@@ -292,7 +302,11 @@ impl Node {
     /// Runs timers that are due: periodic anti-entropy (a reconciliation session) with every
     /// replicating peer, and durability waits that reached their deadline.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = Some(now);
         self.evict_over_budget();
+        for (conn, doc_id) in self.pacing.take_due(now) {
+            self.sync_with(conn, doc_id);
+        }
         let silent: Vec<ConnId> = self
             .peers
             .iter()

@@ -54,6 +54,7 @@ impl Node {
     /// clients naming documents that never arrive cannot grow memory.
     pub(super) fn on_disconnected(&mut self, conn: ConnId) {
         self.forget_region_watches(conn);
+        self.pacing.forget(conn);
         let Some(peer) = self.peers.remove(&conn) else { return };
         if peer.replicates_everything() {
             if !self.peers.values().any(|p| p.node_id == peer.node_id) {
@@ -452,7 +453,8 @@ impl Node {
     /// Sends the next Automerge sync message for one document to one peer, if there is one.
     ///
     /// Nothing is sent while the document has uncommitted appends: the announce that follows
-    /// the last commit sends it then.
+    /// the last commit sends it then. A message that would follow the last change-carrying
+    /// one to this peer within `sync_batch_window_ms` waits for the window to close.
     pub(super) fn sync_with(&mut self, conn: ConnId, doc_id: DocId) {
         let Some(document) = self.documents.get(&doc_id).filter(|d| d.persisting == 0) else {
             return;
@@ -463,12 +465,21 @@ impl Node {
         if peer.awaiting_reply.contains(&doc_id) {
             return; // The peer's answer brings us back here, with everything made meanwhile.
         }
+        let paced = self.now.filter(|_| peer.replicates_everything());
         let state = peer.sync_states.entry(doc_id).or_default();
+        if let Some(now) = paced {
+            if self.pacing.holds(conn, doc_id, state, &document.doc.get_heads(), now) {
+                return; // `handle_timeout` sends it, with everything made meanwhile.
+            }
+        }
         let Some(message) = document.doc.generate_sync_message(state) else {
             return;
         };
         if !message.changes.is_empty() && peer.replicates_everything() {
             peer.awaiting_reply.insert(doc_id);
+            if let Some(now) = self.now {
+                self.pacing.sent_changes(conn, doc_id, now);
+            }
         }
         let part = DocSyncPart {
             doc_id,
