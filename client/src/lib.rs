@@ -36,6 +36,9 @@ const MAX_ANSWER_BYTES: u64 = 64 * 1024 * 1024;
 /// Time budget of one request, beyond any long-poll wait it asks the server for.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a write stream may take end to end: it carries many writes.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -195,6 +198,45 @@ pub struct Written {
     /// happened either way.
     #[serde(skip)]
     pub reached: bool,
+}
+
+/// One write of an ordered stream (see [`ApiClient::write_stream`]).
+#[derive(Debug, Clone, Copy)]
+pub enum StreamWrite<'a> {
+    /// Operations applied as one change, as [`ApiClient::edit`] takes them (a JSON array).
+    Ops(&'a Value),
+    /// Raw Automerge bytes merged in, as [`ApiClient::import`] takes them.
+    Automerge(&'a [u8]),
+}
+
+/// The body of a write stream: one NDJSON line per write. Built apart from the request so
+/// that a caller can prepare it ahead of time.
+pub fn stream_body<'a>(writes: impl IntoIterator<Item = StreamWrite<'a>>) -> Vec<u8> {
+    use base64::Engine;
+    let mut body = Vec::new();
+    for write in writes {
+        let line = match write {
+            StreamWrite::Ops(ops) => json!({ "ops": ops }),
+            StreamWrite::Automerge(bytes) => {
+                json!({ "automerge": base64::engine::general_purpose::STANDARD.encode(bytes) })
+            }
+        };
+        body.extend_from_slice(line.to_string().as_bytes());
+        body.push(b'\n');
+    }
+    body
+}
+
+/// What a write stream did: the writes before the first failure are durable, none after it
+/// was applied.
+#[derive(Debug)]
+pub struct StreamOutcome {
+    /// Writes durable, counted from the first line.
+    pub written: usize,
+    /// The document's heads after the last durable write (empty if none was written).
+    pub heads: Vec<String>,
+    /// The line (counted from 1) that failed, and why.
+    pub failed: Option<(usize, Error)>,
 }
 
 /// One document in a listing.
@@ -569,6 +611,38 @@ impl ApiClient {
     /// Merges Automerge bytes (a saved document or changes) into an existing document.
     pub fn import(&self, id: &str, bytes: &[u8]) -> Result<Written, Error> {
         written(self.post_bytes(&format!("/v1/docs/{}/automerge", encode(id)), bytes)?, 200)
+    }
+
+    /// Sends a whole stream of writes to one document in one request (`body` from
+    /// [`stream_body`]). The agent applies them in order as they arrive, without a round trip
+    /// or an fsync per write, and answers once all are durable or one failed.
+    pub fn write_stream(&self, id: &str, body: &[u8]) -> Result<StreamOutcome, Error> {
+        #[derive(Deserialize)]
+        struct Answer {
+            written: usize,
+            heads: Vec<String>,
+            #[serde(default)]
+            line: Option<usize>,
+        }
+        let path = format!("/v1/docs/{}/writes", encode(id));
+        let raw =
+            self.exchange("POST", &path, Some("application/x-ndjson"), Some(body), STREAM_TIMEOUT)?;
+        let answer: Answer = match raw.json() {
+            Ok(answer) => answer,
+            // Not a stream's answer (a bad id, an unknown route): the plain API error.
+            Err(_) => {
+                return Err(raw.expect(&[200]).err().unwrap_or(Error::Api {
+                    status: 200,
+                    code: String::new(),
+                    message: "an answer without a stream's fields".into(),
+                }))
+            }
+        };
+        let failed = match answer.line {
+            Some(line) => raw.expect(&[200]).err().map(|error| (line, error)),
+            None => None,
+        };
+        Ok(StreamOutcome { written: answer.written, heads: answer.heads, failed })
     }
 
     /// Which levels the changes up to `heads` of a document have reached now.

@@ -218,6 +218,13 @@ pub struct Offered {
     history_before: usize,
 }
 
+impl Offered {
+    /// The offered changes the document lacked, each once, in the order offered.
+    pub fn lacking(&self) -> &[Change] {
+        &self.lacking
+    }
+}
+
 /// Parses `bytes` as a sequence of Automerge change chunks, as raw uploads and sync messages
 /// carry them. `None` if any chunk is something else (a saved document, a bundle) or does not
 /// parse: callers then fall back to asking Automerge what an apply added.

@@ -167,8 +167,9 @@ pub fn apply_ops(
         )));
     }
     let mut tx = doc.transaction();
+    let mut text_target = None;
     for (index, op) in ops.iter().enumerate() {
-        if let Err(error) = apply_op(&mut tx, index, op) {
+        if let Err(error) = apply_op(&mut tx, index, op, &mut text_target) {
             tx.rollback();
             return Err(error);
         }
@@ -181,7 +182,20 @@ pub fn apply_ops(
     Ok(true)
 }
 
-fn apply_op(tx: &mut Transaction<'_>, op_index: usize, op: &Op) -> Result<(), OpError> {
+/// The text object the last splice resolved its path to. A run of splices into one text
+/// (an editor's keystrokes) resolves the path once; any other op may replace the object at
+/// that path, so it forgets the target.
+type TextTarget<'a> = Option<(&'a [PathSegment], ObjId)>;
+
+fn apply_op<'a>(
+    tx: &mut Transaction<'_>,
+    op_index: usize,
+    op: &'a Op,
+    text_target: &mut TextTarget<'a>,
+) -> Result<(), OpError> {
+    if !matches!(op, Op::Splice { .. }) {
+        *text_target = None;
+    }
     let path = match op {
         Op::Set { path, .. }
         | Op::Delete { path }
@@ -244,10 +258,17 @@ fn apply_op(tx: &mut Transaction<'_>, op_index: usize, op: &Op) -> Result<(), Op
             put_value(tx, op_index, &obj, Slot::Insert(*index), value, *kind, 0)
         }
         Op::Splice { path, index, delete, text } => {
-            let (obj, obj_type) = resolve(tx, op_index, path)?;
-            if obj_type != ObjType::Text {
-                return Err(wrong_type(op_index, path, "text", obj_type));
-            }
+            let obj = match text_target.take() {
+                Some((target, obj)) if target == path.as_slice() => obj,
+                _ => {
+                    let (obj, obj_type) = resolve(tx, op_index, path)?;
+                    if obj_type != ObjType::Text {
+                        return Err(wrong_type(op_index, path, "text", obj_type));
+                    }
+                    obj
+                }
+            };
+            *text_target = Some((path.as_slice(), obj.clone()));
             let length = tx.length(&obj);
             if *index > length || delete.saturating_add(*index) > length {
                 let past = index.saturating_add(*delete);

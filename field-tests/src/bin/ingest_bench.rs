@@ -28,6 +28,7 @@ use anyhow::Context;
 use automerge::transaction::Transactable;
 use automerge::{AutoSerde, Automerge, Change, ObjType, ReadDoc, ROOT};
 use field_tests::bench::{machine, proc_cpu, proc_status_kib, thousands};
+use field_tests::client::{stream_body, StreamWrite};
 use field_tests::{free_udp_port, wait_for, Agent, ApiClient, Hub, TestDir};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -96,11 +97,14 @@ struct Args {
     am_batch: usize,
     /// Also run agent B, which the hub sends everything to, and time until B has it.
     fan_out: bool,
+    /// Send the requests as one ordered write stream instead of one after another.
+    stream: bool,
 }
 
 const USAGE: &str = "\
 usage: ingest-bench [--trace PATH] [--batch N[:EDITS][,N[:EDITS]...]]... [--limit N]
                     [--am-trace NAME_OR_PATH]... [--am-traces all] [--am-batch N] [--fan-out]
+                    [--stream]
 
   --trace PATH    automerge-perf edits.json (default: shared/data/automerge-traces/edits.json
                   next to the repository)
@@ -114,7 +118,9 @@ usage: ingest-bench [--trace PATH] [--batch N[:EDITS][,N[:EDITS]...]]... [--limi
   --am-traces all the same for S1, C1, C2 and A2
   --am-batch N    changes per request and per in-process apply for --am-trace (default 100)
   --fan-out       also run a second agent, B, that the hub forwards everything to, and time
-                  until B has it (three nodes sharing this machine's cores)";
+                  until B has it (three nodes sharing this machine's cores)
+  --stream        send the batches as one ordered write stream (POST /v1/docs/{id}/writes,
+                  one line per batch) instead of one request after another's answer";
 
 fn parse_args() -> anyhow::Result<Option<Args>> {
     let mut trace = PathBuf::from(DEFAULT_TRACE);
@@ -123,6 +129,7 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
     let mut am_traces = Vec::new();
     let mut am_batch = DEFAULT_AM_BATCH;
     let mut fan_out = false;
+    let mut stream = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
@@ -152,6 +159,7 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
                 anyhow::ensure!(am_batch > 0, "--am-batch must be positive");
             }
             "--fan-out" => fan_out = true,
+            "--stream" => stream = true,
             "-h" | "--help" => return Ok(None),
             other => anyhow::bail!("unknown argument {other:?}\n{USAGE}"),
         }
@@ -159,7 +167,7 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
     if runs.is_empty() {
         runs = DEFAULT_RUNS.to_vec();
     }
-    Ok(Some(Args { trace, runs, limit, am_traces, am_batch, fan_out }))
+    Ok(Some(Args { trace, runs, limit, am_traces, am_batch, fan_out, stream }))
 }
 
 fn parse_batch_spec(spec: &str) -> anyhow::Result<(usize, Option<usize>)> {
@@ -283,6 +291,7 @@ fn end_to_end(
     batch: usize,
     expected: &str,
     fan_out: bool,
+    stream: bool,
 ) -> anyhow::Result<E2eResult> {
     let dir = TestDir::new(&format!("ingest-bench-{batch}"))?;
     let hub = Hub::start(dir.path(), "hub", free_udp_port()?)?;
@@ -295,46 +304,38 @@ fn end_to_end(
     }
 
     // Bodies are serialized up front so the clock measures the service, not this client.
-    let bodies: Vec<Vec<u8>> = edits
+    let batches: Vec<Value> = edits
         .chunks(batch)
         .map(|chunk| {
-            let ops: Vec<Value> = chunk
-                .iter()
-                .map(|e| {
-                    json!({"op": "splice", "path": ["text"], "index": e.pos,
-                           "delete": e.delete, "text": e.insert})
-                })
-                .collect();
-            json!({ "ops": ops }).to_string().into_bytes()
+            let ops = chunk.iter().map(|e| {
+                json!({"op": "splice", "path": ["text"], "index": e.pos,
+                       "delete": e.delete, "text": e.insert})
+            });
+            Value::Array(ops.collect())
         })
         .collect();
-    let path = format!("/v1/docs/{id}/ops");
-    let step = bodies.len().div_ceil(10).max(1);
+    let requests = batches.len();
+    let body = |ops: &Value| json!({ "ops": ops }).to_string().into_bytes();
+    let mut bodies: Vec<Vec<u8>> = match stream {
+        true => vec![stream_body(batches.iter().map(StreamWrite::Ops))],
+        false => batches.iter().map(body).collect(),
+    };
+    drop(batches);
 
     let cpu_before = cpu_of(&hub, &a);
     let started = Instant::now();
-    let mut heads: Vec<String> = Vec::new();
-    let mut done = 0;
-    for (i, body) in bodies.iter().enumerate() {
-        let response = a.api.send("POST", &path, Some(body))?;
-        anyhow::ensure!(
-            response.status == 200,
-            "request {i} answered {}: {}",
-            response.status,
-            response.body
-        );
-        heads = serde_json::from_value(response.body["heads"].clone())
-            .context("edit answer has no heads")?;
-        done += batch.min(edits.len() - i * batch);
-        if (i + 1) % step == 0 && i + 1 < bodies.len() {
-            let secs = started.elapsed().as_secs_f64();
-            eprintln!(
-                "  batch {batch}: {:>3}% {done} edits acked in {secs:.1} s ({} edits/s)",
-                (i + 1) * 100 / bodies.len(),
-                group(done as f64 / secs)
-            );
+    let heads = if stream {
+        let body = bodies.pop().unwrap_or_default();
+        let outcome = a.api.write_stream(&id, &body)?;
+        if let Some((line, error)) = outcome.failed {
+            anyhow::bail!("write {line} of the stream failed: {error}");
         }
-    }
+        anyhow::ensure!(outcome.written == requests, "{} of {requests} written", outcome.written);
+        outcome.heads
+    } else {
+        send_sequentially(&a.api, &id, &bodies, batch, edits.len(), started)?
+    };
+    let done = edits.len();
     let acked = started.elapsed();
     eprintln!(
         "  batch {batch}: all {done} edits acked by A in {:.2} s; waiting for the hub",
@@ -367,7 +368,7 @@ fn end_to_end(
     a.terminate()?;
     hub.terminate()?;
     Ok(E2eResult {
-        requests: bodies.len(),
+        requests,
         acked,
         hub_visible,
         visible,
@@ -377,6 +378,42 @@ fn end_to_end(
         hub_cpu,
         a_cpu,
     })
+}
+
+/// Sends each edit request after the answer to the one before; returns the last heads.
+fn send_sequentially(
+    api: &ApiClient,
+    id: &str,
+    bodies: &[Vec<u8>],
+    batch: usize,
+    edits: usize,
+    started: Instant,
+) -> anyhow::Result<Vec<String>> {
+    let path = format!("/v1/docs/{id}/ops");
+    let step = bodies.len().div_ceil(10).max(1);
+    let mut heads: Vec<String> = Vec::new();
+    let mut done = 0;
+    for (i, body) in bodies.iter().enumerate() {
+        let response = api.send("POST", &path, Some(body))?;
+        anyhow::ensure!(
+            response.status == 200,
+            "request {i} answered {}: {}",
+            response.status,
+            response.body
+        );
+        heads = serde_json::from_value(response.body["heads"].clone())
+            .context("edit answer has no heads")?;
+        done += batch.min(edits - i * batch);
+        if (i + 1) % step == 0 && i + 1 < bodies.len() {
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!(
+                "  batch {batch}: {:>3}% {done} edits acked in {secs:.1} s ({} edits/s)",
+                (i + 1) * 100 / bodies.len(),
+                group(done as f64 / secs)
+            );
+        }
+    }
+    Ok(heads)
 }
 
 fn check_text(api: &ApiClient, id: &str, node: &str, expected: &str) -> anyhow::Result<()> {
@@ -507,7 +544,12 @@ fn am_raw_floor(trace: &AmTrace) -> anyhow::Result<AmRawResult> {
 
 /// Creates the document on agent A from the first batch, then imports every other batch into
 /// A, one request at a time, and waits for agent B to reach the saved document's heads.
-fn am_end_to_end(trace: &AmTrace, expected: &Value, fan_out: bool) -> anyhow::Result<E2eResult> {
+fn am_end_to_end(
+    trace: &AmTrace,
+    expected: &Value,
+    fan_out: bool,
+    stream: bool,
+) -> anyhow::Result<E2eResult> {
     let dir = TestDir::new(&format!("ingest-bench-{}", trace.name))?;
     let hub = Hub::start(dir.path(), "hub", free_udp_port()?)?;
     let a = Agent::start(dir.path(), "agent-a", hub.quic)?;
@@ -532,9 +574,22 @@ fn am_end_to_end(trace: &AmTrace, expected: &Value, fan_out: bool) -> anyhow::Re
     let timed = bodies.len() - 1;
     let step = timed.div_ceil(10).max(1);
     let mut done = 0;
+    let streamed =
+        stream.then(|| stream_body(bodies[1..].iter().map(|b| StreamWrite::Automerge(b))));
     let cpu_before = cpu_of(&hub, &a);
     let started = Instant::now();
+    if let Some(body) = streamed {
+        let outcome = a.api.write_stream(&id, &body)?;
+        if let Some((line, error)) = outcome.failed {
+            anyhow::bail!("{}: write {line} of the stream failed: {error}", trace.name);
+        }
+        anyhow::ensure!(outcome.written == timed, "{} of {timed} written", outcome.written);
+        done = trace.timed_changes();
+    }
     for (i, (body, batch)) in bodies.iter().zip(&trace.batches).enumerate().skip(1) {
+        if stream {
+            break;
+        }
         a.api
             .import(&id, body)
             .with_context(|| format!("{}: importing batch {i} into agent A", trace.name))?;
@@ -616,7 +671,13 @@ fn sorted(mut heads: Vec<String>) -> Vec<String> {
 }
 
 /// Replays every `.am` trace and prints their table.
-fn am_runs(names: &[String], data_dir: &Path, batch: usize, fan_out: bool) -> anyhow::Result<()> {
+fn am_runs(
+    names: &[String],
+    data_dir: &Path,
+    batch: usize,
+    fan_out: bool,
+    stream: bool,
+) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut single = Vec::new();
     for name in names {
@@ -644,7 +705,7 @@ fn am_runs(names: &[String], data_dir: &Path, batch: usize, fan_out: bool) -> an
             raw.elapsed.as_secs_f64(),
             group(rate(trace.timed_changes(), raw.elapsed))
         );
-        let e2e = am_end_to_end(&trace, &raw.json, fan_out)?;
+        let e2e = am_end_to_end(&trace, &raw.json, fan_out, stream)?;
         eprintln!(
             "  {}: the hub has the saved document's heads after {:.2} s{}",
             trace.name,
@@ -858,7 +919,7 @@ fn run() -> anyhow::Result<()> {
             raw.elapsed.as_secs_f64(),
             group(rate(spec.edits, raw.elapsed))
         );
-        let e2e = end_to_end(edits, spec.batch, &raw.text, args.fan_out)?;
+        let e2e = end_to_end(edits, spec.batch, &raw.text, args.fan_out, args.stream)?;
         eprintln!(
             "  batch {}: the hub has A's final heads after {:.2} s{}",
             spec.batch,
@@ -936,7 +997,7 @@ fn run() -> anyhow::Result<()> {
     );
     if !args.am_traces.is_empty() {
         let data_dir = trace_path.parent().unwrap_or(Path::new("."));
-        am_runs(&args.am_traces, data_dir, args.am_batch, args.fan_out)?;
+        am_runs(&args.am_traces, data_dir, args.am_batch, args.fan_out, args.stream)?;
     }
     Ok(())
 }

@@ -60,6 +60,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/collections/{collection}/docs/automerge", post(create_from_bytes))
         .route("/v1/docs/{id}", get(read).delete(delete))
         .route("/v1/docs/{id}/ops", post(edit))
+        .route("/v1/docs/{id}/writes", post(super::write_stream::write_stream))
         .route("/v1/docs/{id}/history", get(history))
         .route("/v1/docs/{id}/automerge", get(export).post(import))
         .route("/v1/docs/{id}/durability", get(durability))
@@ -160,11 +161,18 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response =
-            (self.status, Json(json!({"error": {"code": self.code, "message": self.message}})))
-                .into_response();
+impl ApiError {
+    /// The error's response, with `details` (a JSON object) beside `error` in the body.
+    pub fn with_details(self, details: Value) -> Response {
+        let mut body = json!({"error": {"code": self.code, "message": self.message}});
+        if let (Some(body), Value::Object(details)) = (body.as_object_mut(), details) {
+            body.extend(details);
+        }
+        self.respond(body)
+    }
+
+    fn respond(self, body: Value) -> Response {
+        let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::PAYLOAD_TOO_LARGE {
             // The unread rest of the body makes the connection unusable; say so, so clients
             // do not send their next request on it.
@@ -174,6 +182,13 @@ impl IntoResponse for ApiError {
             );
         }
         response
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        self.respond(body)
     }
 }
 
@@ -207,6 +222,12 @@ impl From<DriverError> for ApiError {
             DriverError::Request(
                 e @ (RequestError::TooLarge { .. } | RequestError::TooManyChanges { .. }),
             ) => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "document_too_large", e.to_string()),
+            DriverError::Request(e @ RequestError::StreamStopped) => {
+                Self::new(StatusCode::CONFLICT, "stream_stopped", e.to_string())
+            }
+            DriverError::Request(e @ RequestError::NotAStreamWrite) => {
+                Self::new(StatusCode::BAD_REQUEST, "not_a_stream_write", e.to_string())
+            }
             DriverError::Stopped => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "stopped", "node is shutting down")
             }

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::ids::NodeId;
 use crate::message::{HubInfo, Role};
 use crate::node::RequestError;
-use crate::node::{ConnId, Input, Node, NodeStats, Output, Request, RequestId, Response};
+use crate::node::{ConnId, Input, Node, NodeStats, Output, Request, RequestId, Response, StreamId};
 use crate::scope::{CollectionScope, HoldingRule};
 use crate::store_task::StoreTask;
 
@@ -96,11 +96,30 @@ enum Command {
     Shutdown,
 }
 
+/// The answer to a request sent with [`NodeHandle::submit`].
+#[derive(Debug)]
+pub struct Answer(oneshot::Receiver<Result<Response, RequestError>>);
+
+impl std::future::Future for Answer {
+    type Output = Result<Response, DriverError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|answer| match answer {
+            Ok(result) => result.map_err(DriverError::Request),
+            Err(_) => Err(DriverError::Stopped),
+        })
+    }
+}
+
 /// A cheap, cloneable way to talk to a running node.
 #[derive(Debug, Clone)]
 pub struct NodeHandle {
     commands: mpsc::Sender<Command>,
     next_conn: Arc<AtomicU64>,
+    next_stream: Arc<AtomicU64>,
     admission_refusals: Arc<AtomicU64>,
     status: watch::Receiver<NodeStatus>,
     node_id: NodeId,
@@ -114,12 +133,31 @@ impl NodeHandle {
 
     /// Sends a request and waits for the answer (writes: until durable).
     pub async fn request(&self, request: Request) -> Result<Response, DriverError> {
+        self.submit(request).await?.await
+    }
+
+    /// Queues a request behind those already sent and returns its answer to await later, so
+    /// that a caller can keep several requests in flight in a known order.
+    pub async fn submit(&self, request: Request) -> Result<Answer, DriverError> {
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Request { request, reply })
             .await
             .map_err(|_| DriverError::Stopped)?;
-        Ok(answer.await.map_err(|_| DriverError::Stopped)??)
+        Ok(Answer(answer))
+    }
+
+    /// A new id for an ordered stream of writes ([`Request::InStream`]).
+    pub fn new_stream(&self) -> StreamId {
+        self.next_stream.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Tells the node a stream sends no more writes, without waiting (usable on drop).
+    pub fn end_stream(&self, stream: StreamId) {
+        let (reply, _) = oneshot::channel();
+        let request = Request::EndStream { stream };
+        // A full queue leaves the stream to the node's bound on stopped streams.
+        let _ = self.commands.try_send(Command::Request { request, reply });
     }
 
     /// Registers a new connection's writer; returns its id. Bytes read from it go to [`Self::received`].
@@ -219,6 +257,7 @@ pub fn spawn_node(
     let handle = NodeHandle {
         commands: commands.clone(),
         next_conn: Arc::new(AtomicU64::new(1)),
+        next_stream: Arc::new(AtomicU64::new(1)),
         admission_refusals: Arc::new(AtomicU64::new(0)),
         status,
         node_id: node.node_id(),

@@ -21,3 +21,4 @@ pub mod scaling;
 pub mod store;
 pub mod store_reader;
 pub mod tls;
+pub mod write_stream;

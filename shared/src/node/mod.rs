@@ -46,7 +46,7 @@ pub use catalog::{CatalogBuilder, Join, Sequential};
 pub use lag::PeerLag;
 pub use types::{
     ConnId, DurabilityReport, Input, NodeStats, Output, Request, RequestError, RequestId, Response,
-    StatusReport, TaskId,
+    StatusReport, StreamId, TaskId,
 };
 
 /// What to do when a store task completes.
@@ -113,6 +113,8 @@ pub struct Node {
     pacing: pacing::Pacing,
     /// The time of the input or timeout being handled.
     now: Option<Instant>,
+    /// Write streams in which a write failed: their later writes are refused.
+    stopped_streams: BTreeSet<StreamId>,
     stats: NodeStats,
 }
 
@@ -170,6 +172,7 @@ impl Node {
             watches_per_peer: BTreeMap::new(),
             pacing,
             now: None,
+            stopped_streams: BTreeSet::new(),
             stats: NodeStats::default(),
         }
     }

@@ -428,25 +428,29 @@ impl Node {
         }
         let offered_at = self.hlc.new_timestamp().get_time().as_u64();
         for doc_id in std::mem::take(&mut self.announced) {
-            let Some(document) = self.documents.get(&doc_id) else { continue };
-            let heads = document.doc.get_heads();
-            let conns: Vec<ConnId> = self
-                .peers
-                .iter()
-                .filter(|(_, p)| p.follows(&doc_id, &document.collection))
-                .map(|(c, _)| *c)
-                .collect();
-            for conn in conns {
-                if let Some(state) =
-                    self.peers.get_mut(&conn).and_then(|p| p.sync_states.get_mut(&doc_id))
-                {
-                    if state.last_sent_heads == heads {
-                        state.last_sent_heads.clear();
-                    }
+            self.offer_committed(doc_id, offered_at);
+        }
+    }
+
+    fn offer_committed(&mut self, doc_id: DocId, offered_at: u64) {
+        let Some(document) = self.documents.get(&doc_id) else { return };
+        let heads = document.doc.get_heads();
+        let conns: Vec<ConnId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.follows(&doc_id, &document.collection))
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in conns {
+            if let Some(state) =
+                self.peers.get_mut(&conn).and_then(|p| p.sync_states.get_mut(&doc_id))
+            {
+                if state.last_sent_heads == heads {
+                    state.last_sent_heads.clear();
                 }
-                self.note_unacknowledged(conn, doc_id, offered_at);
-                self.sync_with(conn, doc_id);
             }
+            self.note_unacknowledged(conn, doc_id, offered_at);
+            self.sync_with(conn, doc_id);
         }
     }
 

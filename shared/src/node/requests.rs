@@ -5,12 +5,15 @@ use std::time::Instant;
 use automerge::{Automerge, ChangeHash, LoadOptions, OnPartialLoad, ReadDoc};
 
 use super::cache::{Deferred, Residence};
-use super::{Node, Output, Request, RequestError, RequestId, Response, StatusReport};
+use super::{Node, Output, Request, RequestError, RequestId, Response, StatusReport, StreamId};
 use crate::document::{guarded, heads_hex, parse_change_chunks, Document, DocumentError};
 use crate::durability::Durability;
 use crate::ids::{Collection, DocId};
 use crate::message::Role;
 use crate::ops::{apply_ops, Op};
+
+/// Most write streams remembered as stopped at once (see [`Node::stop_stream`]).
+const MAX_STOPPED_STREAMS: usize = 4096;
 
 impl Node {
     pub(super) fn on_request(&mut self, now: Instant, id: RequestId, request: Request) {
@@ -20,13 +23,30 @@ impl Node {
                     return self.defer(doc_id, Deferred::Request { id, request, at: now })
                 }
                 Residence::Quarantined(reason) => {
+                    if let Request::InStream { stream, .. } = &request {
+                        self.stop_stream(*stream);
+                    }
                     let result = Err(RequestError::Quarantined { doc_id, reason });
                     return self.outputs.push_back(Output::Respond { id, result });
                 }
                 Residence::Hot | Residence::Absent => {}
             }
         }
-        let result = match request {
+        let result = self.answer(now, id, request);
+        if let Some(result) = result {
+            self.outputs.push_back(Output::Respond { id, result });
+        }
+    }
+
+    /// Answers a request whose document, if it needs one, is in memory or absent; `None` when
+    /// the answer comes later (a write once durable, a wait once satisfied).
+    fn answer(
+        &mut self,
+        now: Instant,
+        id: RequestId,
+        request: Request,
+    ) -> Option<Result<Response, RequestError>> {
+        match request {
             Request::Status => Some(Ok(Response::Status(StatusReport {
                 hub_connected: self.hub_connected(),
                 hub: self.connected_hub(),
@@ -70,9 +90,33 @@ impl Node {
             | Request::ReadAt { .. }
             | Request::History { .. }
             | Request::Export { .. }) => self.read_committed(id, read),
-        };
-        if let Some(result) = result {
-            self.outputs.push_back(Output::Respond { id, result });
+            Request::InStream { stream, write } => {
+                if self.stopped_streams.contains(&stream) {
+                    return Some(Err(RequestError::StreamStopped));
+                }
+                let write = match *write {
+                    write @ (Request::Edit { .. } | Request::Import { .. }) => write,
+                    _ => return Some(Err(RequestError::NotAStreamWrite)),
+                };
+                let result = self.answer(now, id, write);
+                if matches!(result, Some(Err(_))) {
+                    self.stop_stream(stream);
+                }
+                result
+            }
+            Request::EndStream { stream } => {
+                self.stopped_streams.remove(&stream);
+                Some(Ok(Response::Ended))
+            }
+        }
+    }
+
+    /// Refuses the later writes of a stream. The set is bounded: a writer that never ends its
+    /// stream cannot grow it, and the streams forgotten first are the oldest.
+    fn stop_stream(&mut self, stream: StreamId) {
+        self.stopped_streams.insert(stream);
+        while self.stopped_streams.len() > MAX_STOPPED_STREAMS {
+            self.stopped_streams.pop_first();
         }
     }
 
@@ -329,26 +373,34 @@ impl Node {
             None => self.documents.get_mut(&doc_id)?,
         };
         let before = document.doc.get_heads();
-        // Parsed only to store what the merge adds as it arrived (see `Document::offered`).
-        let offered = parse_change_chunks(bytes)
-            .filter(|changes| !changes.is_empty())
-            .map(|changes| document.offered(changes));
-        // Parse everything into a scratch document first, refusing partial data, so a damaged
-        // upload is refused whole rather than merged up to the damage.
-        let options = LoadOptions::new().on_partial_load(OnPartialLoad::Error);
-        let parsed = match guarded(|| Ok(Automerge::load_with_options(bytes, options))) {
-            Ok(parsed) => parsed,
-            Err(error) => return Some(Err(RequestError::BadBytes(error.to_string()))),
-        };
-        let merged = match parsed {
-            // A self-contained upload (a saved document, or changes from the start).
-            Ok(mut scratch) => guarded(|| document.doc.merge(&mut scratch).map(|_| ())),
-            // Every chunk parsed, but the changes build on history the upload does not carry,
-            // as in an incremental save: they apply on top of this document.
-            Err(automerge::AutomergeError::MissingDeps) => {
-                guarded(|| document.doc.load_incremental(bytes).map(|_| ()))
+        let (offered, merged) = match parse_change_chunks(bytes).filter(|c| !c.is_empty()) {
+            // Change chunks only, each one checked whole (checksum included) as it parsed:
+            // applied as parsed. What the merge adds is stored as it arrived (`offered`).
+            Some(changes) => {
+                let offered = document.offered(changes);
+                let lacking = offered.lacking().to_vec();
+                (Some(offered), guarded(|| document.doc.apply_changes(lacking)))
             }
-            Err(error) => return Some(Err(RequestError::BadBytes(error.to_string()))),
+            None => {
+                // A saved document, or something else: parsed into a scratch document first,
+                // refusing partial data, so a damaged upload is refused whole rather than
+                // merged up to the damage.
+                let options = LoadOptions::new().on_partial_load(OnPartialLoad::Error);
+                let parsed = match guarded(|| Ok(Automerge::load_with_options(bytes, options))) {
+                    Ok(parsed) => parsed,
+                    Err(error) => return Some(Err(RequestError::BadBytes(error.to_string()))),
+                };
+                let merged = match parsed {
+                    Ok(mut scratch) => guarded(|| document.doc.merge(&mut scratch).map(|_| ())),
+                    // Every chunk parsed, but the upload builds on history it does not carry,
+                    // as an incremental save does: it applies on top of this document.
+                    Err(automerge::AutomergeError::MissingDeps) => {
+                        guarded(|| document.doc.load_incremental(bytes).map(|_| ()))
+                    }
+                    Err(error) => return Some(Err(RequestError::BadBytes(error.to_string()))),
+                };
+                (None, merged)
+            }
         };
         match merged {
             Ok(()) => {}
@@ -386,6 +438,8 @@ impl Node {
 /// from the catalog; creation needs no stored copy.
 fn document_needed(request: &Request) -> Option<DocId> {
     match request {
+        Request::InStream { write, .. } => document_needed(write),
+        Request::EndStream { .. } => None,
         Request::Edit { doc_id, .. }
         | Request::Delete { doc_id }
         | Request::Import { doc_id, .. }

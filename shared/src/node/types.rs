@@ -134,11 +134,31 @@ pub enum Request {
         /// The document.
         doc_id: DocId,
     },
+    /// One write (an [`Request::Edit`] or [`Request::Import`]) of an ordered stream of writes:
+    /// the writes of a stream are applied in the order they arrive, and once one fails, the
+    /// stream's later writes are refused with [`RequestError::StreamStopped`], so a writer that
+    /// sends without waiting for each answer never has a write applied on top of a failed one.
+    InStream {
+        /// The stream, unique on this node.
+        stream: StreamId,
+        /// The write.
+        write: Box<Request>,
+    },
+    /// The stream sends no more writes: the node forgets it.
+    EndStream {
+        /// The stream.
+        stream: StreamId,
+    },
 }
+
+/// Names an ordered stream of writes (see [`Request::InStream`]).
+pub type StreamId = u64;
 
 /// A successful answer to a [`Request`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Response {
+    /// The write stream is forgotten.
+    Ended,
     /// The write is durable.
     Written {
         /// The document.
@@ -277,6 +297,12 @@ pub enum RequestError {
         /// The limit, in stored bytes.
         limit: usize,
     },
+    /// Only edits and imports travel in a write stream.
+    #[error("only edits and imports can be part of a write stream")]
+    NotAStreamWrite,
+    /// An earlier write of the same stream failed, so this one was not applied.
+    #[error("not applied: an earlier write of this stream failed")]
+    StreamStopped,
     /// The document reached `max_document_changes` and takes no more writes.
     #[error("document {doc_id} reached the limit of {limit} changes")]
     TooManyChanges {
