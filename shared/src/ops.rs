@@ -4,7 +4,7 @@
 //! transaction is rolled back and the document is untouched.
 
 use automerge::transaction::{CommitOptions, Transactable, Transaction};
-use automerge::{AutomergeError, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
+use automerge::{AutomergeError, ObjId, ObjType, ReadDoc, ScalarValue, TextEncoding, Value, ROOT};
 use serde::Deserialize;
 use serde_json::Value as Json;
 
@@ -166,10 +166,11 @@ pub fn apply_ops(
             ops.len()
         )));
     }
+    let encoding = doc.text_encoding();
     let mut tx = doc.transaction();
     let mut text_target = None;
     for (index, op) in ops.iter().enumerate() {
-        if let Err(error) = apply_op(&mut tx, index, op, &mut text_target) {
+        if let Err(error) = apply_op(&mut tx, index, op, &mut text_target, encoding) {
             tx.rollback();
             return Err(error);
         }
@@ -182,16 +183,35 @@ pub fn apply_ops(
     Ok(true)
 }
 
-/// The text object the last splice resolved its path to. A run of splices into one text
-/// (an editor's keystrokes) resolves the path once; any other op may replace the object at
-/// that path, so it forgets the target.
-type TextTarget<'a> = Option<(&'a [PathSegment], ObjId)>;
+/// The text object the last splice resolved its path to, and its length after it. A run of
+/// splices into one text (an editor's keystrokes) resolves the path and asks Automerge for
+/// the length once; any other op may replace the object at that path, so it forgets both.
+#[derive(Debug)]
+struct TextTarget<'a> {
+    path: &'a [PathSegment],
+    obj: ObjId,
+    /// `None` where the length cannot be counted here (grapheme clusters depend on the
+    /// characters around an insertion).
+    length: Option<usize>,
+}
+
+/// The length of `text` in the units the document counts text in, where that does not
+/// depend on the text around it.
+fn text_units(text: &str, encoding: TextEncoding) -> Option<usize> {
+    match encoding {
+        TextEncoding::UnicodeCodePoint => Some(text.chars().count()),
+        TextEncoding::Utf8CodeUnit => Some(text.len()),
+        TextEncoding::Utf16CodeUnit => Some(text.encode_utf16().count()),
+        TextEncoding::GraphemeCluster => None,
+    }
+}
 
 fn apply_op<'a>(
     tx: &mut Transaction<'_>,
     op_index: usize,
     op: &'a Op,
-    text_target: &mut TextTarget<'a>,
+    text_target: &mut Option<TextTarget<'a>>,
+    encoding: TextEncoding,
 ) -> Result<(), OpError> {
     if !matches!(op, Op::Splice { .. }) {
         *text_target = None;
@@ -258,18 +278,21 @@ fn apply_op<'a>(
             put_value(tx, op_index, &obj, Slot::Insert(*index), value, *kind, 0)
         }
         Op::Splice { path, index, delete, text } => {
-            let obj = match text_target.take() {
-                Some((target, obj)) if target == path.as_slice() => obj,
+            let (obj, known_length) = match text_target.take() {
+                Some(target) if target.path == path.as_slice() => (target.obj, target.length),
                 _ => {
                     let (obj, obj_type) = resolve(tx, op_index, path)?;
                     if obj_type != ObjType::Text {
                         return Err(wrong_type(op_index, path, "text", obj_type));
                     }
-                    obj
+                    (obj, None)
                 }
             };
-            *text_target = Some((path.as_slice(), obj.clone()));
-            let length = tx.length(&obj);
+            let length = known_length.unwrap_or_else(|| tx.length(&obj));
+            let after = text_units(text, encoding)
+                .map(|inserted| length.saturating_sub(*delete).saturating_add(inserted));
+            *text_target =
+                Some(TextTarget { path: path.as_slice(), obj: obj.clone(), length: after });
             if *index > length || delete.saturating_add(*index) > length {
                 let past = index.saturating_add(*delete);
                 return Err(OpError::OutOfRange {
@@ -563,6 +586,44 @@ mod tests {
             let error = apply_ops(&mut doc, &ops(batch.clone()), 0).unwrap_err();
             assert!(error.to_string().contains(expected), "{batch}: {error}");
             assert_eq!(doc.get_heads(), heads, "{batch} must apply nothing");
+        }
+    }
+
+    #[test]
+    fn a_run_of_splices_keeps_the_length_it_checks_against_true() {
+        for encoding in [
+            TextEncoding::UnicodeCodePoint,
+            TextEncoding::Utf8CodeUnit,
+            TextEncoding::Utf16CodeUnit,
+            TextEncoding::GraphemeCluster,
+        ] {
+            let mut doc = automerge::Automerge::new_with_encoding(encoding);
+            apply_ops(&mut doc, &ops(json!([{"op": "set", "path": ["t"], "value": ""}])), 0)
+                .unwrap();
+            let units = |s: &str| text_units(s, encoding).unwrap_or(s.chars().count());
+            let (ab, e) = ("ab", "\u{e9}\u{1f600}");
+            let run = json!([
+                {"op": "splice", "path": ["t"], "index": 0, "text": ab},
+                {"op": "splice", "path": ["t"], "index": units(ab), "text": e},
+                {"op": "splice", "path": ["t"], "index": 1, "delete": 1, "text": "x"},
+            ]);
+            assert_eq!(apply_ops(&mut doc, &ops(run), 0), Ok(true), "{encoding:?}");
+            assert_eq!(materialize(&doc)["t"], json!("ax\u{e9}\u{1f600}"), "{encoding:?}");
+            let length = units("ax\u{e9}\u{1f600}");
+            let past_end = json!([
+                {"op": "splice", "path": ["t"], "index": 0, "text": "y"},
+                {"op": "splice", "path": ["t"], "index": length + 2, "text": "z"},
+            ]);
+            let error = apply_ops(&mut doc, &ops(past_end), 0).unwrap_err();
+            assert!(
+                matches!(error, OpError::OutOfRange { length: l, .. } if l == length + 1),
+                "{encoding:?}: {error}"
+            );
+            let at_end = json!([
+                {"op": "splice", "path": ["t"], "index": 0, "text": "y"},
+                {"op": "splice", "path": ["t"], "index": length + 1, "text": "z"},
+            ]);
+            assert_eq!(apply_ops(&mut doc, &ops(at_end), 0), Ok(true), "{encoding:?}");
         }
     }
 

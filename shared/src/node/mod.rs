@@ -381,11 +381,13 @@ impl Node {
         origin: NodeId,
         reply_to: Option<RequestId>,
     ) {
-        self.persist_added(doc_id, before, origin, reply_to, None);
+        self.persist_added(doc_id, before, origin, reply_to, None, None);
     }
 
     /// [`Node::persist`], with the encoded changes the apply added when the caller knows
-    /// them (see [`Document::added_changes`]), which spares asking Automerge for them.
+    /// them (see [`Document::added_changes`]), which spares asking Automerge for them, and
+    /// whether the document is deleted when the caller knows that (a lookup in the document
+    /// whose cost grows with it).
     fn persist_added(
         &mut self,
         doc_id: DocId,
@@ -393,6 +395,7 @@ impl Node {
         origin: NodeId,
         reply_to: Option<RequestId>,
         added: Option<Vec<Vec<u8>>>,
+        deleted: Option<bool>,
     ) {
         let hlc = self.hlc.new_timestamp().get_time().as_u64();
         let compact_after = self.config.compact_after_changes;
@@ -410,7 +413,7 @@ impl Node {
         let entry = IndexEntry {
             collection: document.collection.clone(),
             heads: heads.clone(),
-            deleted: document.is_deleted(),
+            deleted: deleted.unwrap_or_else(|| document.is_deleted()),
         };
         let append = StoreTask::Append {
             doc_id,

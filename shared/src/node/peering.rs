@@ -370,7 +370,7 @@ impl Node {
             self.recheck_regions(doc_id);
         }
         if changed {
-            self.persist_added(doc_id, &before, origin, None, added);
+            self.persist_added(doc_id, &before, origin, None, added, None);
         } else {
             let state = self.peers.get_mut(&conn).and_then(|p| p.sync_states.get_mut(&doc_id));
             if let Some(state) = state.filter(|_| carried_changes) {

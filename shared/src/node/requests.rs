@@ -163,7 +163,8 @@ impl Node {
             Err(error) => Some(Err(error.into())),
             Ok(false) => self.answer_unchanged(id, doc_id),
             Ok(true) => {
-                self.persist(doc_id, &before, self.node_id, Some(id));
+                // `live` found it not deleted, and ops cannot touch the tombstone.
+                self.persist_added(doc_id, &before, self.node_id, Some(id), None, Some(false));
                 None
             }
         }
@@ -429,7 +430,7 @@ impl Node {
         if let Some(document) = fresh {
             self.documents.insert(doc_id, document);
         }
-        self.persist_added(doc_id, &before, self.node_id, Some(id), added);
+        self.persist_added(doc_id, &before, self.node_id, Some(id), added, None);
         None
     }
 }
