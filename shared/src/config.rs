@@ -82,7 +82,7 @@ impl SyncConfig {
             max_document_bytes: 64 * 1024 * 1024,
             max_document_changes: 1_000_000,
             compress_above_bytes: 16 * 1024,
-            sync_batch_window_ms: 100,
+            sync_batch_window_ms: 250,
             heartbeat_interval_ms: 1_000,
             heartbeat_timeout_ms: 4_000,
             collections: CollectionScope::all(),

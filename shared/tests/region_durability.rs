@@ -276,7 +276,7 @@ fn a_region_that_has_not_committed_a_write_is_not_counted() {
     let id = mesh.await_regions(AGENT, doc_id, &later, 2);
     // The edit follows the create within the sync batch window: it reaches hub a once the
     // window closes, before the wait's deadline.
-    mesh.advance(Duration::from_millis(200));
+    mesh.advance(SyncConfig::edge().sync_batch_window());
     mesh.advance(Duration::from_secs(6));
     let report = mesh.report(AGENT, id).unwrap();
     assert_eq!(report.regions, regions(&["a"]), "region b holds the older heads only");
