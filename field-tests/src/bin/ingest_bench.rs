@@ -359,14 +359,7 @@ fn end_to_end(
     };
     check_text(&a.api, &id, "agent A", expected)?;
     check_text(&hub.http, &id, "the hub", expected)?;
-    let hub_rss_kib = proc_status_kib(&hub.pid().to_string(), "VmHWM");
-    let a_rss_kib = proc_status_kib(&a.pid().to_string(), "VmHWM");
-    let b_rss_kib = b.as_ref().and_then(|b| proc_status_kib(&b.pid().to_string(), "VmHWM"));
-    if let Some(b) = b {
-        b.terminate()?;
-    }
-    a.terminate()?;
-    hub.terminate()?;
+    let [hub_rss_kib, a_rss_kib, b_rss_kib] = stop_nodes(hub, a, b)?;
     Ok(E2eResult {
         requests,
         acked,
@@ -636,14 +629,7 @@ fn am_end_to_end(
             trace.name
         );
     }
-    let hub_rss_kib = proc_status_kib(&hub.pid().to_string(), "VmHWM");
-    let a_rss_kib = proc_status_kib(&a.pid().to_string(), "VmHWM");
-    let b_rss_kib = b.as_ref().and_then(|b| proc_status_kib(&b.pid().to_string(), "VmHWM"));
-    if let Some(b) = b {
-        b.terminate()?;
-    }
-    a.terminate()?;
-    hub.terminate()?;
+    let [hub_rss_kib, a_rss_kib, b_rss_kib] = stop_nodes(hub, a, b)?;
     Ok(E2eResult {
         requests: bodies.len(),
         acked,
@@ -655,6 +641,18 @@ fn am_end_to_end(
         hub_cpu,
         a_cpu,
     })
+}
+
+/// Stops the nodes, B first; returns the peak RSS (KiB) of the hub, A and B, read just before.
+fn stop_nodes(hub: Hub, a: Agent, b: Option<Agent>) -> anyhow::Result<[Option<u64>; 3]> {
+    let peak = |pid: u32| proc_status_kib(&pid.to_string(), "VmHWM");
+    let peaks = [peak(hub.pid()), peak(a.pid()), b.as_ref().and_then(|b| peak(b.pid()))];
+    if let Some(b) = b {
+        b.terminate()?;
+    }
+    a.terminate()?;
+    hub.terminate()?;
+    Ok(peaks)
 }
 
 /// The committed heads of the benchmark's one document on a node, sorted, from its heads
