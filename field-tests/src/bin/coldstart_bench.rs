@@ -126,21 +126,10 @@ fn run_case(root: &std::path::Path, n: usize, runs: usize) -> anyhow::Result<Row
     }
     let scan = median(scans);
 
-    // What a stack that holds every document does at start: load each into Automerge.
-    let rss_before = rss_kib("self")?;
-    let started = Instant::now();
-    let stored = Store::open(&database)?.load_all()?;
-    let loaded = stored
-        .iter()
-        .map(|doc| Document::load(doc, ActorId::random()))
-        .collect::<Result<Vec<_>, _>>()?;
-    let load_all = started.elapsed();
-    drop(stored);
-    let load_all_rss_kib = rss_kib("self")?.saturating_sub(rss_before);
-    drop(loaded);
-
     // Cairn: a real agent on that store, from spawn to its ready line (its API and sync are
-    // up then). Its hub address has no listener; dialing it runs in the background.
+    // up then). Its hub address has no listener; dialing it runs in the background. Timed
+    // before loading every document here (nearly 2 GB at 100k), whose allocations and frees
+    // would otherwise still be settling in the kernel while the agent starts.
     let hub = std::net::SocketAddr::from(([127, 0, 0, 1], field_tests::free_udp_port()?));
     let mut starts = Vec::new();
     let mut agent_rss_kib = 0;
@@ -155,6 +144,20 @@ fn run_case(root: &std::path::Path, n: usize, runs: usize) -> anyhow::Result<Row
     }
     eprintln!("  agent starts: {starts:?}");
     let agent_ready = median(starts);
+
+    // What a stack that holds every document does at start: load each into Automerge.
+    let rss_before = rss_kib("self")?;
+    let started = Instant::now();
+    let stored = Store::open(&database)?.load_all()?;
+    let loaded = stored
+        .iter()
+        .map(|doc| Document::load(doc, ActorId::random()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let load_all = started.elapsed();
+    drop(stored);
+    let load_all_rss_kib = rss_kib("self")?.saturating_sub(rss_before);
+    drop(loaded);
+
     Ok(Row { n, store_mib, scan, load_all, load_all_rss_kib, agent_ready, agent_rss_kib })
 }
 
