@@ -1139,3 +1139,29 @@ fn with_a_zero_window_every_write_goes_at_once() {
     }
     assert_eq!(change_messages_since(&pair, 1, before), 3);
 }
+
+#[test]
+fn the_end_of_a_write_stream_sends_its_document_without_waiting_for_the_window() {
+    let document = stored_doc(1, &["a"]);
+    let doc_id = document.doc_id;
+    let mut pair = Pair::new([vec![document.clone()], vec![document]]);
+    pair.connect();
+    let now = Instant::now() + Duration::from_secs(10);
+    let before = pair.sent.len();
+    for value in 1..=3_u64 {
+        let ops: Vec<Op> =
+            serde_json::from_value(json!([{"op": "set", "path": ["k"], "value": value}])).unwrap();
+        let write = Box::new(Request::Edit { doc_id, ops });
+        let request = Request::InStream { stream: 1, write };
+        pair.nodes[1].handle_input(now, Input::Request { id: value, request });
+        pair.run(now);
+    }
+    assert_eq!(change_messages_since(&pair, 1, before), 1, "the first write went at once");
+    assert_ne!(pair.heads(0), pair.heads(1), "the others wait for the window");
+
+    let request = Request::EndStream { stream: 1, doc_id };
+    pair.nodes[1].handle_input(now, Input::Request { id: 9, request });
+    pair.run(now);
+    assert_eq!(change_messages_since(&pair, 1, before), 2, "sent at the stream's end");
+    assert_eq!(pair.heads(0), pair.heads(1));
+}

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::ids::NodeId;
+use crate::ids::{DocId, NodeId};
 use crate::message::{HubInfo, Role};
 use crate::node::RequestError;
 use crate::node::{ConnId, Input, Node, NodeStats, Output, Request, RequestId, Response, StreamId};
@@ -152,10 +152,11 @@ impl NodeHandle {
         self.next_stream.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Tells the node a stream sends no more writes, without waiting (usable on drop).
-    pub fn end_stream(&self, stream: StreamId) {
+    /// Tells the node a stream to `doc_id` sends no more writes, without waiting (usable on
+    /// drop).
+    pub fn end_stream(&self, stream: StreamId, doc_id: DocId) {
         let (reply, _) = oneshot::channel();
-        let request = Request::EndStream { stream };
+        let request = Request::EndStream { stream, doc_id };
         // A full queue leaves the stream to the node's bound on stopped streams.
         let _ = self.commands.try_send(Command::Request { request, reply });
     }

@@ -5,7 +5,7 @@
 //! line goes to the node as soon as it has arrived, without waiting for the one before to be
 //! durable, so the node applies the next write while the store commits the last and commits
 //! many writes per fsync (group commit); a writer that waits for every answer pays an fsync
-//! and a round trip per write instead. Every 100 ms the stream lets the writes in flight
+//! and a round trip per write instead. Every 250 ms the stream lets the writes in flight
 //! commit, so peers hear of the document while it is being written. The answer comes once
 //! every write is durable.
 //!
@@ -52,8 +52,9 @@ const MAX_IN_FLIGHT_BYTES: usize = 32 * 1024 * 1024;
 /// How often the stream lets every write in flight commit before sending more. A node
 /// offers a document to its peers only when none of its appends is in flight, so without
 /// these short pauses (one commit's latency each) peers would hear of a streamed document
-/// only once the stream ends.
-const SETTLE_EVERY: Duration = Duration::from_millis(100);
+/// only once the stream ends. As long as the default sync batch window: a peer would not be
+/// sent the document more often anyway.
+const SETTLE_EVERY: Duration = Duration::from_millis(250);
 
 /// One line of the body.
 #[derive(Debug, Deserialize)]
@@ -93,7 +94,7 @@ struct Progress {
 
 impl Drop for Progress {
     fn drop(&mut self) {
-        self.node.end_stream(self.stream);
+        self.node.end_stream(self.stream, self.doc_id);
     }
 }
 

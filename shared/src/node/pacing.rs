@@ -118,6 +118,17 @@ impl Pacing {
         self.held.contains_key(doc_id)
     }
 
+    /// Forgets the windows of a document whose writing is over; returns the peers that were
+    /// waiting for a message of it, which may be sent at once.
+    pub(super) fn forget_document(&mut self, doc_id: DocId) -> Vec<ConnId> {
+        self.last_sent.retain(|(_, doc), _| *doc != doc_id);
+        let waiting = self.held.remove(&doc_id).unwrap_or_default();
+        for (conn, closes) in &waiting {
+            self.due.remove(&(*closes, *conn, doc_id));
+        }
+        waiting.into_keys().collect()
+    }
+
     /// Forgets a closed connection.
     pub(super) fn forget(&mut self, conn: ConnId) {
         self.last_sent.retain(|(c, _), _| *c != conn);

@@ -104,8 +104,11 @@ impl Node {
                 }
                 result
             }
-            Request::EndStream { stream } => {
+            Request::EndStream { stream, doc_id } => {
                 self.stopped_streams.remove(&stream);
+                for conn in self.pacing.forget_document(doc_id) {
+                    self.sync_with(conn, doc_id);
+                }
                 Some(Ok(Response::Ended))
             }
         }

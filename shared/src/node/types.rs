@@ -144,10 +144,14 @@ pub enum Request {
         /// The write.
         write: Box<Request>,
     },
-    /// The stream sends no more writes: the node forgets it.
+    /// The stream sends no more writes: the node forgets it, and sends the document's
+    /// committed changes to peers now rather than at the end of a sync batch window (the
+    /// writes that made the window are over).
     EndStream {
         /// The stream.
         stream: StreamId,
+        /// The document it wrote.
+        doc_id: DocId,
     },
 }
 
