@@ -152,6 +152,24 @@ impl Document {
         (added.len() == grew_by).then_some(added)
     }
 
+    /// Takes `saved`, a whole saved document from a peer's sync message or an upload, in this
+    /// one's place when it holds every change this one has and nothing waits in this one's
+    /// queue. Loading a saved document costs a fraction of merging it: Automerge would load
+    /// it, apply its changes again one by one, and the store would then need each of them
+    /// encoded again, where the saved bytes can be stored as they are. Returns how many
+    /// changes the document gained, or hands `saved` back.
+    pub fn adopt(&mut self, mut saved: Automerge) -> Result<usize, Box<Automerge>> {
+        let holds_ours =
+            self.doc.get_heads().iter().all(|h| saved.get_change_meta_by_hash(h).is_some());
+        if !holds_ours || !self.doc.get_missing_deps(&[]).is_empty() {
+            return Err(Box::new(saved));
+        }
+        let history_before = self.history_len();
+        saved.set_actor(self.doc.get_actor().clone());
+        self.doc = saved;
+        Ok(self.history_len().saturating_sub(history_before))
+    }
+
     /// The materialized JSON of the document, without Cairn's reserved keys.
     pub fn to_json(&self) -> serde_json::Value {
         materialize(&self.doc)
@@ -240,6 +258,22 @@ pub fn parse_change_chunks(bytes: &[u8]) -> Option<Vec<Change>> {
     Some(changes)
 }
 
+/// The magic bytes every Automerge storage chunk starts with.
+const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+
+/// Loads `bytes` when they are one saved document (what `Automerge::save()` writes and a
+/// version 2 sync message carries whole), refusing partial data; `None` for anything else.
+pub fn load_saved(bytes: &[u8]) -> Option<Automerge> {
+    const MAGIC: [u8; 4] = CHUNK_MAGIC;
+    const DOCUMENT: u8 = 0;
+    let header = bytes.get(..9)?;
+    if header[..4] != MAGIC || header[8] != DOCUMENT {
+        return None;
+    }
+    // Refused or panicking input is left to the caller's ordinary path, which reports it.
+    guarded(|| Automerge::load(bytes)).ok()
+}
+
 /// Parses one change chunk; a panic inside Automerge counts as "does not parse".
 fn parse_change(chunk: &[u8]) -> Option<Change> {
     catch_unwind(|| Change::try_from(chunk).ok()).ok().flatten()
@@ -248,7 +282,7 @@ fn parse_change(chunk: &[u8]) -> Option<Change> {
 /// Length of the change chunk (plain or compressed) at the start of `bytes`: magic bytes,
 /// checksum, type byte, LEB128 body length, body.
 fn change_chunk_len(bytes: &[u8]) -> Option<usize> {
-    const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+    const MAGIC: [u8; 4] = CHUNK_MAGIC;
     const CHANGE: u8 = 1;
     const COMPRESSED_CHANGE: u8 = 2;
     let header = bytes.get(..9)?;

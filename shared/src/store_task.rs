@@ -17,6 +17,10 @@ pub enum StoreTask {
         doc_id: DocId,
         /// Its collection (recorded when the document is first stored).
         collection: Collection,
+        /// A saved document holding every change of this one, as it arrived from a peer or an
+        /// upload: it replaces the stored snapshot and every change stored before, in the same
+        /// transaction, so the heads index never names heads the store does not hold.
+        snapshot: Option<Vec<u8>>,
         /// Encoded Automerge changes, each idempotent by hash.
         changes: Vec<Vec<u8>>,
         /// The document's heads after these changes.

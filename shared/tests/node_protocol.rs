@@ -528,13 +528,17 @@ impl Pair {
     fn execute(&mut self, side: usize, action: StoreTask) -> StoreReply {
         let store = &mut self.stores[side];
         match action {
-            StoreTask::Append { doc_id, collection, changes, .. } => {
+            StoreTask::Append { doc_id, collection, snapshot, changes, .. } => {
                 let stored = store.entry(doc_id).or_insert_with(|| StoredDoc {
                     doc_id,
                     collection,
                     snapshot: None,
                     changes: Vec::new(),
                 });
+                if let Some(snapshot) = snapshot {
+                    stored.snapshot = Some(snapshot);
+                    stored.changes.clear();
+                }
                 stored.changes.extend(changes);
                 StoreReply::Committed
             }
@@ -1164,4 +1168,115 @@ fn the_end_of_a_write_stream_sends_its_document_without_waiting_for_the_window()
     pair.run(now);
     assert_eq!(change_messages_since(&pair, 1, before), 2, "sent at the stream's end");
     assert_eq!(pair.heads(0), pair.heads(1));
+}
+
+/// `edits` numbered values: enough changes that a peer holding only the first lacks over a
+/// third of the history, so Automerge sends it the whole saved document.
+fn numbered_edits(count: usize) -> Vec<String> {
+    (0..count).map(|i| format!("v{i}")).collect()
+}
+
+/// The saved documents `side` sent whole in its sync messages for `doc_id`.
+fn whole_documents_sent(pair: &Pair, side: usize, doc_id: DocId) -> Vec<Vec<u8>> {
+    let messages = pair.sent.iter().filter_map(|(from, message, _)| match message {
+        Message::DocSync { doc_id: id, sync_message, .. } if *from == side && *id == doc_id => {
+            Some(automerge::sync::Message::decode(sync_message).unwrap())
+        }
+        _ => None,
+    });
+    messages
+        .flat_map(|m| m.changes.iter().map(<[u8]>::to_vec).collect::<Vec<_>>())
+        .filter(|chunk| chunk.get(8) == Some(&0))
+        .collect()
+}
+
+#[test]
+fn a_whole_document_from_a_peer_is_stored_as_the_snapshot_it_arrived_as() {
+    let edits = numbered_edits(30);
+    let edits: Vec<&str> = edits.iter().map(String::as_str).collect();
+    let (full, older) = (stored_doc(1, &edits), stored_doc(1, &edits[..1]));
+    let doc_id = full.doc_id;
+    let mut pair = Pair::new([vec![full], vec![older]]);
+    pair.connect();
+    assert_eq!(pair.heads(0), pair.heads(1), "both sides converge");
+    let sent = whole_documents_sent(&pair, 0, doc_id);
+    assert_eq!(sent.len(), 1, "the hub sent the whole document once");
+    let stored = &pair.stores[1][&doc_id];
+    assert_eq!(stored.snapshot.as_ref(), Some(&sent[0]), "stored as it arrived");
+    assert!(stored.changes.is_empty(), "the changes stored before it are replaced");
+    // The stored document reads back whole, and the agent still writes as itself.
+    let reloaded = Document::load(stored, ActorId::random()).unwrap();
+    assert_eq!(reloaded.doc.get_heads(), pair.heads(0)[&doc_id]);
+    assert_eq!(pair.catalog_heads(1)[&doc_id], pair.heads(0)[&doc_id]);
+    let agent = pair.nodes[1].documents().find(|(id, _)| **id == doc_id).unwrap().1;
+    assert_eq!(agent.doc.get_actor(), &ActorId::from(vec![2u8; 16]));
+    assert_eq!(agent.change_count, 30);
+    assert_eq!(agent.to_json(), reloaded.to_json());
+}
+
+#[test]
+fn a_whole_document_lacking_a_change_held_here_is_merged_and_nothing_is_lost() {
+    let edits = numbered_edits(30);
+    let edits: Vec<&str> = edits.iter().map(String::as_str).collect();
+    let full = stored_doc(1, &edits);
+    let doc_id = full.doc_id;
+    // The agent holds the first change and one of its own that the hub lacks.
+    let mut own =
+        Document::load(&stored_doc(1, &edits[..1]), ActorId::from(vec![0xEEu8; 16])).unwrap();
+    let ops: Vec<Op> =
+        serde_json::from_value(json!([{"op": "set", "path": ["mine"], "value": 1}])).unwrap();
+    cairn_shared::ops::apply_ops(&mut own.doc, &ops, 0).unwrap();
+    let concurrent = StoredDoc {
+        doc_id,
+        collection: "c".parse().unwrap(),
+        snapshot: Some(own.doc.save()),
+        changes: Vec::new(),
+    };
+    let mut pair = Pair::new([vec![full], vec![concurrent]]);
+    pair.connect();
+    assert_eq!(whole_documents_sent(&pair, 0, doc_id).len(), 1);
+    assert_eq!(pair.heads(0), pair.heads(1), "both sides converge");
+    let agent = pair.nodes[1].documents().find(|(id, _)| **id == doc_id).unwrap().1;
+    assert_eq!(agent.to_json()["mine"], json!(1), "the agent's own change survives");
+    assert_eq!(agent.to_json()["k"], json!("v29"));
+    let stored = &pair.stores[1][&doc_id];
+    assert!(stored.snapshot.is_none(), "merged change by change, stored as changes");
+    assert_eq!(stored.changes.len(), 29);
+}
+
+#[test]
+fn an_uploaded_saved_document_holding_all_the_document_has_is_stored_as_sent() {
+    let mut node = node();
+    let now = Instant::now();
+    let edits = numbered_edits(5);
+    let edits: Vec<&str> = edits.iter().map(String::as_str).collect();
+    let first = stored_doc(1, &edits[..1]).snapshot.unwrap();
+    let full = stored_doc(1, &edits).snapshot.unwrap();
+    let doc_id = DocId::from_slice(&[5; 16]).unwrap();
+    let collection = Some("c".parse().unwrap());
+    let mut stored = Vec::new();
+    for (id, bytes) in [(1, first), (2, full)] {
+        let request =
+            Request::Import { doc_id, collection: collection.clone(), bytes: bytes.clone() };
+        node.handle_input(now, Input::Request { id, request });
+        let outputs = drain(&mut node);
+        let Output::Store { task, action: StoreTask::Append { snapshot, changes, .. } } =
+            &outputs[0]
+        else {
+            panic!("{outputs:?}")
+        };
+        stored.push((snapshot.clone(), changes.len(), bytes));
+        node.handle_input(now, Input::StoreDone { task: *task, reply: StoreReply::Committed });
+        let outputs = drain(&mut node);
+        assert!(outputs
+            .iter()
+            .any(|o| matches!(o, Output::Respond { id: i, result: Ok(_) } if *i == id)));
+    }
+    for (snapshot, changes, bytes) in stored {
+        assert_eq!(snapshot, Some(bytes), "the upload is the snapshot, as sent");
+        assert_eq!(changes, 0);
+    }
+    let document = node.documents().find(|(id, _)| **id == doc_id).unwrap().1;
+    assert_eq!(document.to_json()["k"], json!("v4"));
+    assert_eq!(document.doc.get_actor(), &ActorId::from(vec![1u8; 16]));
 }

@@ -84,6 +84,7 @@ fn build_store(path: &std::path::Path, n: usize) -> anyhow::Result<()> {
         let task = StoreTask::Append {
             doc_id: DocId::from_slice(&spread_id(i as u64))?,
             collection: collection.clone(),
+            snapshot: None,
             changes,
             heads: doc.get_heads().iter().map(|h| h.0).collect(),
             hlc: i as u64,

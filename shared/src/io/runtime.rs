@@ -335,6 +335,7 @@ mod tests {
                 let task = StoreTask::Append {
                     doc_id: DocId::from_slice(&id).unwrap(),
                     collection: if i % 2 == 0 { "a" } else { "b" }.parse().unwrap(),
+                    snapshot: None,
                     changes: vec![vec![1]],
                     heads: vec![[i as u8; 32]],
                     hlc: i as u64,

@@ -251,14 +251,7 @@ impl Store {
                     StoreReply::Committed
                 }
                 StoreTask::Compact { doc_id, snapshot } => {
-                    tx.execute(
-                        "UPDATE documents SET snapshot = ?2 WHERE doc_id = ?1",
-                        params![doc_id.as_bytes(), snapshot],
-                    )?;
-                    tx.execute(
-                        "DELETE FROM changes WHERE doc_id = ?1",
-                        params![doc_id.as_bytes()],
-                    )?;
+                    replace_snapshot(&tx, *doc_id, snapshot)?;
                     StoreReply::Committed
                 }
                 StoreTask::Load { doc_id } => {
@@ -320,7 +313,8 @@ fn load_sync_states(conn: &Connection, doc_id: DocId) -> Result<SavedSyncStates,
 
 /// Stores new changes, the heads index entry and a change-feed row.
 fn append(conn: &Connection, task: &StoreTask) -> Result<(), StoreError> {
-    let StoreTask::Append { doc_id, collection, changes, heads, hlc, origin, deleted } = task
+    let StoreTask::Append { doc_id, collection, snapshot, changes, heads, hlc, origin, deleted } =
+        task
     else {
         return Ok(());
     };
@@ -333,6 +327,9 @@ fn append(conn: &Connection, task: &StoreTask) -> Result<(), StoreError> {
          SET heads = excluded.heads, hlc = excluded.hlc, deleted = excluded.deleted",
         params![doc_id.as_bytes(), collection.as_str(), heads, hlc, deleted],
     )?;
+    if let Some(snapshot) = snapshot {
+        replace_snapshot(conn, *doc_id, snapshot)?;
+    }
     let mut insert = conn.prepare_cached("INSERT INTO changes (doc_id, data) VALUES (?1, ?2)")?;
     for change in changes {
         insert.execute(params![doc_id.as_bytes(), change])?;
@@ -349,6 +346,16 @@ fn append(conn: &Connection, task: &StoreTask) -> Result<(), StoreError> {
         hlc,
         deleted
     ])?;
+    Ok(())
+}
+
+/// Stores `snapshot` as the document's and drops every change stored before it.
+fn replace_snapshot(conn: &Connection, doc_id: DocId, snapshot: &[u8]) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE documents SET snapshot = ?2 WHERE doc_id = ?1",
+        params![doc_id.as_bytes(), snapshot],
+    )?;
+    conn.execute("DELETE FROM changes WHERE doc_id = ?1", params![doc_id.as_bytes()])?;
     Ok(())
 }
 
@@ -438,6 +445,7 @@ mod tests {
         StoreTask::Append {
             doc_id: doc_id(byte),
             collection: "plant-7/sensors".parse().unwrap(),
+            snapshot: None,
             changes: changes.iter().map(|c| c.to_vec()).collect(),
             heads: vec![[byte; 32]],
             hlc: u64::MAX,
@@ -459,6 +467,7 @@ mod tests {
                 let task = StoreTask::Append {
                     doc_id: DocId::from_slice(&id).unwrap(),
                     collection: collection.parse().unwrap(),
+                    snapshot: None,
                     changes: vec![vec![1]],
                     heads: (0..i % 3).map(|h| [h as u8; 32]).collect(),
                     hlc: i as u64,
@@ -541,6 +550,34 @@ mod tests {
         assert_eq!(loaded.snapshot.as_deref(), Some(&b"snap"[..]));
         assert_eq!(loaded.changes, vec![b"c".to_vec()]);
         assert_eq!(store.load(doc_id(1)).unwrap().as_ref(), Some(loaded));
+    }
+
+    #[test]
+    fn an_append_carrying_a_snapshot_replaces_what_was_stored_in_the_same_commit() {
+        let path = temp_db("append-snapshot");
+        let mut store = Store::open(&path).unwrap();
+        let mut adopted = append(1, &[b"d"]);
+        if let StoreTask::Append { snapshot, heads, .. } = &mut adopted {
+            *snapshot = Some(b"saved".to_vec());
+            *heads = vec![[7; 32]];
+        }
+        let tasks = [(1, append(1, &[b"a", b"b"])), (2, adopted), (3, append(2, &[b"x"]))];
+        store.execute(&tasks).unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let loaded = store.load(doc_id(1)).unwrap().unwrap();
+        assert_eq!(loaded.snapshot.as_deref(), Some(&b"saved"[..]));
+        assert_eq!(loaded.changes, vec![b"d".to_vec()], "changes before the snapshot are gone");
+        let mut index = Vec::new();
+        store
+            .scan_index(|chunk| {
+                index.extend(chunk);
+                std::ops::ControlFlow::Continue(())
+            })
+            .unwrap();
+        let entry = index.iter().find(|(id, _)| *id == doc_id(1)).map(|(_, e)| e).unwrap();
+        assert_eq!(entry.heads, vec![ChangeHash([7; 32])]);
+        assert_eq!(store.load(doc_id(2)).unwrap().unwrap().changes, vec![b"x".to_vec()]);
     }
 
     #[test]

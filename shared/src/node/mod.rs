@@ -61,6 +61,25 @@ enum Pending {
     Load { doc_id: DocId },
 }
 
+/// What an apply added to a document, as far as the caller knows, for storing it.
+#[derive(Debug)]
+enum Added {
+    /// Not known: Automerge is asked for the changes since the heads before, encoding each
+    /// again (a cost that grows with the document).
+    Unknown,
+    /// The encoded changes, as they arrived (see [`Document::added_changes`]).
+    Changes(Vec<Vec<u8>>),
+    /// A saved document, as it arrived, that the document now is (see [`Document::adopt`]):
+    /// stored as the snapshot, replacing everything stored before.
+    Saved(Vec<u8>),
+}
+
+impl Added {
+    fn from_changes(changes: Option<Vec<Vec<u8>>>) -> Self {
+        changes.map_or(Self::Unknown, Self::Changes)
+    }
+}
+
 /// The sync core of one node.
 pub struct Node {
     node_id: NodeId,
@@ -381,20 +400,19 @@ impl Node {
         origin: NodeId,
         reply_to: Option<RequestId>,
     ) {
-        self.persist_added(doc_id, before, origin, reply_to, None, None);
+        self.persist_added(doc_id, before, origin, reply_to, Added::Unknown, None);
     }
 
-    /// [`Node::persist`], with the encoded changes the apply added when the caller knows
-    /// them (see [`Document::added_changes`]), which spares asking Automerge for them, and
-    /// whether the document is deleted when the caller knows that (a lookup in the document
-    /// whose cost grows with it).
+    /// [`Node::persist`], with what the apply added when the caller knows it (see [`Added`]),
+    /// which spares asking Automerge for the changes, and whether the document is deleted
+    /// when the caller knows that (a lookup in the document whose cost grows with it).
     fn persist_added(
         &mut self,
         doc_id: DocId,
         before: &[ChangeHash],
         origin: NodeId,
         reply_to: Option<RequestId>,
-        added: Option<Vec<Vec<u8>>>,
+        added: Added,
         deleted: Option<bool>,
     ) {
         let hlc = self.hlc.new_timestamp().get_time().as_u64();
@@ -402,14 +420,30 @@ impl Node {
         let Some(document) = self.documents.get_mut(&doc_id) else {
             return;
         };
-        let changes = added.unwrap_or_else(|| document.changes_since(before));
+        let (snapshot, changes) = match added {
+            Added::Unknown => (None, document.changes_since(before)),
+            Added::Changes(changes) => (None, changes),
+            Added::Saved(snapshot) => (Some(snapshot), Vec::new()),
+        };
         let heads = document.doc.get_heads();
         document.is_placeholder = false;
         document.persisting += 1;
-        document.changes_since_snapshot += changes.len();
-        document.change_count += changes.len();
-        self.stats.changes_committed += changes.len() as u64;
-        let mut stored_bytes = document.stored_bytes + changes.iter().map(Vec::len).sum::<usize>();
+        let mut stored_bytes = match &snapshot {
+            Some(snapshot) => {
+                let history = document.history_len();
+                let gained = history.saturating_sub(document.change_count);
+                self.stats.changes_committed += gained as u64;
+                document.change_count = history;
+                document.changes_since_snapshot = 0;
+                snapshot.len()
+            }
+            None => {
+                document.changes_since_snapshot += changes.len();
+                document.change_count += changes.len();
+                self.stats.changes_committed += changes.len() as u64;
+                document.stored_bytes + changes.iter().map(Vec::len).sum::<usize>()
+            }
+        };
         let entry = IndexEntry {
             collection: document.collection.clone(),
             heads: heads.clone(),
@@ -418,6 +452,7 @@ impl Node {
         let append = StoreTask::Append {
             doc_id,
             collection: entry.collection.clone(),
+            snapshot,
             changes,
             heads: heads.iter().map(|h| h.0).collect(),
             hlc,

@@ -7,8 +7,10 @@ use automerge::sync::{self, SyncDoc};
 use automerge::ChangeHash;
 
 use super::cache::{Deferred, Residence};
-use super::{ConnId, Node, Output, Pending, Response};
-use crate::document::{guarded, heads_digest, parse_change_chunks, Document, DocumentError};
+use super::{Added, ConnId, Node, Output, Pending, Response};
+use crate::document::{
+    guarded, heads_digest, load_saved, parse_change_chunks, Document, DocumentError,
+};
 use crate::frame::encode_frame;
 use crate::ids::{Collection, DocId, NodeId};
 use crate::message::{
@@ -337,6 +339,19 @@ impl Node {
             .map(|entries| entries.into_iter().flatten().collect::<Vec<_>>())
             .filter(|changes| !changes.is_empty())
             .map(|changes| document.offered(changes));
+        // A version 2 message may carry the sender's whole saved document (Automerge sends
+        // one when this side lacks over a third of the history). When it holds everything
+        // this side has, it is loaded in the document's place and stored as it came; the
+        // rest of the message (heads, needs, bloom filter) is then received without it.
+        let saved = (offered.is_none() && !state.read_only && message.changes.len() == 1)
+            .then(|| message.changes.iter().next().and_then(load_saved))
+            .flatten()
+            .and_then(|loaded| document.adopt(loaded).ok())
+            .and_then(|_| message.changes.iter().next().map(<[u8]>::to_vec));
+        let message = match saved {
+            Some(_) => sync::Message { changes: sync::ChunkList::empty(), ..message },
+            None => message,
+        };
         match guarded(|| document.doc.receive_sync_message(state, message)) {
             Ok(()) => {}
             Err(DocumentError::Refused(error)) => {
@@ -364,7 +379,12 @@ impl Node {
         if changed && document.change_count + grew_by > change_limit {
             return self.quarantine_merge(conn, doc_id, format!("{change_limit} changes"));
         }
-        let added = offered.filter(|_| changed).and_then(|o| document.added_changes(o));
+        let added = match saved {
+            Some(saved) => Added::Saved(saved),
+            None => Added::from_changes(
+                offered.filter(|_| changed).and_then(|o| document.added_changes(o)),
+            ),
+        };
         if let Some(heads) = hub_heads {
             self.hub_advertised(doc_id, heads);
             self.recheck_regions(doc_id);

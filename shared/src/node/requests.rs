@@ -5,7 +5,9 @@ use std::time::Instant;
 use automerge::{Automerge, ChangeHash, LoadOptions, OnPartialLoad, ReadDoc};
 
 use super::cache::{Deferred, Residence};
-use super::{Node, Output, Request, RequestError, RequestId, Response, StatusReport, StreamId};
+use super::{
+    Added, Node, Output, Request, RequestError, RequestId, Response, StatusReport, StreamId,
+};
 use crate::document::{guarded, heads_hex, parse_change_chunks, Document, DocumentError};
 use crate::durability::Durability;
 use crate::ids::{Collection, DocId};
@@ -167,7 +169,14 @@ impl Node {
             Ok(false) => self.answer_unchanged(id, doc_id),
             Ok(true) => {
                 // `live` found it not deleted, and ops cannot touch the tombstone.
-                self.persist_added(doc_id, &before, self.node_id, Some(id), None, Some(false));
+                self.persist_added(
+                    doc_id,
+                    &before,
+                    self.node_id,
+                    Some(id),
+                    Added::Unknown,
+                    Some(false),
+                );
                 None
             }
         }
@@ -377,6 +386,7 @@ impl Node {
             None => self.documents.get_mut(&doc_id)?,
         };
         let before = document.doc.get_heads();
+        let mut saved = None;
         let (offered, merged) = match parse_change_chunks(bytes).filter(|c| !c.is_empty()) {
             // Change chunks only, each one checked whole (checksum included) as it parsed:
             // applied as parsed. What the merge adds is stored as it arrived (`offered`).
@@ -394,8 +404,15 @@ impl Node {
                     Ok(parsed) => parsed,
                     Err(error) => return Some(Err(RequestError::BadBytes(error.to_string()))),
                 };
-                let merged = match parsed {
-                    Ok(mut scratch) => guarded(|| document.doc.merge(&mut scratch).map(|_| ())),
+                let merged = match parsed.map(|scratch| document.adopt(scratch)) {
+                    // It holds all this document has: it becomes the document, stored as sent.
+                    Ok(Ok(_)) => {
+                        saved = Some(bytes.to_vec());
+                        Ok(())
+                    }
+                    Ok(Err(mut scratch)) => {
+                        guarded(|| document.doc.merge(&mut scratch).map(|_| ()))
+                    }
                     // Every chunk parsed, but the upload builds on history it does not carry,
                     // as an incremental save does: it applies on top of this document.
                     Err(automerge::AutomergeError::MissingDeps) => {
@@ -429,7 +446,10 @@ impl Node {
         if heads == before {
             return self.answer_unchanged(id, doc_id);
         }
-        let added = offered.and_then(|offered| document.added_changes(offered));
+        let added = match saved {
+            Some(saved) => Added::Saved(saved),
+            None => Added::from_changes(offered.and_then(|o| document.added_changes(o))),
+        };
         if let Some(document) = fresh {
             self.documents.insert(doc_id, document);
         }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use automerge::sync;
-use automerge::{Change, ChangeHash};
+use automerge::{Automerge, Change, ChangeHash};
 use cairn_shared::ids::{DocId, NodeId};
 use cairn_shared::node::TaskId;
 use cairn_shared::store_task::{IndexEntry, StoreReply, StoreTask, StoredDoc};
@@ -73,7 +73,7 @@ impl SimStore {
 
     fn execute(&mut self, action: StoreTask) -> StoreReply {
         match action {
-            StoreTask::Append { doc_id, collection, changes, heads, deleted, .. } => {
+            StoreTask::Append { doc_id, collection, snapshot, changes, heads, deleted, .. } => {
                 let heads = heads.into_iter().map(ChangeHash).collect();
                 let entry = IndexEntry { collection: collection.clone(), heads, deleted };
                 self.index.insert(doc_id, entry);
@@ -87,6 +87,13 @@ impl SimStore {
                     stored.collection, collection,
                     "document {doc_id} changed collection in the store"
                 );
+                if let Some(snapshot) = snapshot {
+                    let saved =
+                        Automerge::load(&snapshot).expect("the core stores valid documents");
+                    self.durable_changes.extend(saved.get_changes(&[]).iter().map(Change::hash));
+                    stored.snapshot = Some(snapshot);
+                    stored.changes.clear();
+                }
                 for change in changes {
                     let parsed = Change::from_bytes(change.clone())
                         .expect("the core stores only valid changes");
