@@ -261,17 +261,17 @@ pub fn parse_change_chunks(bytes: &[u8]) -> Option<Vec<Change>> {
 /// The magic bytes every Automerge storage chunk starts with.
 const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
 
-/// Loads `bytes` when they are one saved document (what `Automerge::save()` writes and a
-/// version 2 sync message carries whole), refusing partial data; `None` for anything else.
-pub fn load_saved(bytes: &[u8]) -> Option<Automerge> {
-    const MAGIC: [u8; 4] = CHUNK_MAGIC;
+/// True when `bytes` start as a saved document does (what `Automerge::save()` writes and a
+/// version 2 sync message carries whole), rather than as change chunks.
+pub fn is_saved_document(bytes: &[u8]) -> bool {
     const DOCUMENT: u8 = 0;
-    let header = bytes.get(..9)?;
-    if header[..4] != MAGIC || header[8] != DOCUMENT {
-        return None;
-    }
-    // Refused or panicking input is left to the caller's ordinary path, which reports it.
-    guarded(|| Automerge::load(bytes)).ok()
+    bytes.get(..9).is_some_and(|header| header[..4] == CHUNK_MAGIC && header[8] == DOCUMENT)
+}
+
+/// Loads `bytes` when they are one saved document, refusing partial data; `None` for anything
+/// else. Refused or panicking input is left to the caller's ordinary path, which reports it.
+pub fn load_saved(bytes: &[u8]) -> Option<Automerge> {
+    is_saved_document(bytes).then(|| guarded(|| Automerge::load(bytes)).ok()).flatten()
 }
 
 /// Parses one change chunk; a panic inside Automerge counts as "does not parse".

@@ -1280,3 +1280,32 @@ fn an_uploaded_saved_document_holding_all_the_document_has_is_stored_as_sent() {
     assert_eq!(document.to_json()["k"], json!("v4"));
     assert_eq!(document.doc.get_actor(), &ActorId::from(vec![1u8; 16]));
 }
+
+#[test]
+fn a_whole_document_that_brings_nothing_new_stores_nothing_and_is_answered() {
+    use automerge::sync::SyncDoc;
+    let mut node = node();
+    let now = Instant::now();
+    connect(&mut node, now);
+    with_document(&mut node, now);
+    let doc_id = DocId::from_slice(&[3; 16]).unwrap();
+    let held = node.documents().find(|(id, _)| **id == doc_id).unwrap().1.doc.clone();
+    // The peer's copy is the same; it sends it whole to a side that said it holds nothing.
+    let (mut peer_copy, empty) = (held.clone(), automerge::Automerge::new());
+    let (mut peer_state, mut empty_state) =
+        (automerge::sync::State::new(), automerge::sync::State::new());
+    let hello = empty.generate_sync_message(&mut empty_state).unwrap();
+    peer_copy.receive_sync_message(&mut peer_state, hello).unwrap();
+    let whole = peer_copy.generate_sync_message(&mut peer_state).unwrap();
+    let chunk = whole.changes.iter().next().unwrap().to_vec();
+    assert_eq!(chunk.get(8), Some(&0), "Automerge sent the whole document");
+    let sync_message = whole.encode();
+    let doc_sync = Message::DocSync { doc_id, collection: "c".parse().unwrap(), sync_message };
+    node.handle_input(now, Input::Received { conn: CONN, bytes: frame(doc_sync, fixed_clock()) });
+    let outputs = drain(&mut node);
+    assert_eq!(closed(&outputs), None, "{outputs:?}");
+    assert!(!outputs.iter().any(|o| matches!(o, Output::Store { .. })), "nothing to store");
+    assert!(sent_messages(&outputs).iter().any(|m| matches!(m, Message::DocSync { .. })));
+    let after = node.documents().find(|(id, _)| **id == doc_id).unwrap().1;
+    assert_eq!(after.doc.get_heads(), held.get_heads());
+}

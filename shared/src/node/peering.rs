@@ -9,7 +9,8 @@ use automerge::ChangeHash;
 use super::cache::{Deferred, Residence};
 use super::{Added, ConnId, Node, Output, Pending, Response};
 use crate::document::{
-    guarded, heads_digest, load_saved, parse_change_chunks, Document, DocumentError,
+    guarded, heads_digest, is_saved_document, load_saved, parse_change_chunks, Document,
+    DocumentError,
 };
 use crate::frame::encode_frame;
 use crate::ids::{Collection, DocId, NodeId};
@@ -342,15 +343,26 @@ impl Node {
         // A version 2 message may carry the sender's whole saved document (Automerge sends
         // one when this side lacks over a third of the history). When it holds everything
         // this side has, it is loaded in the document's place and stored as it came; the
-        // rest of the message (heads, needs, bloom filter) is then received without it.
-        let saved = (offered.is_none() && !state.read_only && message.changes.len() == 1)
-            .then(|| message.changes.iter().next().and_then(load_saved))
-            .flatten()
-            .and_then(|loaded| document.adopt(loaded).ok())
-            .and_then(|_| message.changes.iter().next().map(<[u8]>::to_vec));
-        let message = match saved {
-            Some(_) => sync::Message { changes: sync::ChunkList::empty(), ..message },
-            None => message,
+        // rest of the message (heads, needs, bloom filter) is then received without it. When
+        // this side already has every head it names, it brings nothing and is not loaded.
+        let whole = match message.changes.iter().next() {
+            Some(bytes) if offered.is_none() && message.changes.len() == 1 => {
+                Some(bytes).filter(|b| is_saved_document(b))
+            }
+            _ => None,
+        };
+        let brings_nothing = whole.is_some()
+            && !message.heads.is_empty()
+            && message.heads.iter().all(|h| document.doc.get_change_meta_by_hash(h).is_some());
+        let saved = whole.filter(|_| !brings_nothing && !state.read_only).and_then(|bytes| {
+            let loaded = load_saved(bytes)?;
+            document.adopt(loaded).ok()?;
+            Some(bytes.to_vec())
+        });
+        let message = if saved.is_some() || brings_nothing {
+            sync::Message { changes: sync::ChunkList::empty(), ..message }
+        } else {
+            message
         };
         match guarded(|| document.doc.receive_sync_message(state, message)) {
             Ok(()) => {}
