@@ -1,10 +1,13 @@
 //! The tokio loop that owns one [`Node`] and carries out its effects.
 //!
-//! One task owns the node; everything else talks to it through one bounded command channel,
-//! so the node needs no lock. Each turn: wait for a command or the node's timer, feed it
-//! and up to [`MAX_COMMANDS_PER_TURN`] more already queued, then drain every output —
-//! frames to connection writers, tasks to the store thread, answers to waiting requests.
-//! The loop holds no protocol logic.
+//! One task owns the node; everything else talks to it through two bounded channels, so the
+//! node needs no lock: commands (peer frames, connections, store replies, settings) and local
+//! requests. Each turn: wait for either or for the node's timer, feed up to
+//! [`MAX_COMMANDS_PER_TURN`] queued commands and then up to [`MAX_REQUESTS_PER_TURN`] queued
+//! requests, then drain every output — frames to connection writers, tasks to the store
+//! thread, answers to waiting requests. Commands come first so that a backlog of local writes
+//! never holds back a peer's ping or a store reply: a node busy with writes still answers its
+//! peers, which would otherwise close it as silent. The loop holds no protocol logic.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +29,11 @@ pub const COMMAND_QUEUE_CAPACITY: usize = 8192;
 pub const CONNECTION_QUEUE_CAPACITY: usize = 1024;
 /// Commands handled per loop turn before outputs are drained, so output latency stays low.
 pub const MAX_COMMANDS_PER_TURN: usize = 256;
+/// How often a busy loop publishes its status.
+const STATUS_INTERVAL: Duration = Duration::from_millis(10);
+/// Local requests handled per loop turn: few, because one write may take milliseconds, and
+/// commands waiting behind them wait for the whole turn.
+pub const MAX_REQUESTS_PER_TURN: usize = 32;
 
 /// What a connection writer is told.
 #[derive(Debug)]
@@ -77,10 +85,6 @@ pub struct NodeStatus {
 #[derive(Debug)]
 enum Command {
     Input(Input),
-    Request {
-        request: Request,
-        reply: oneshot::Sender<Result<Response, RequestError>>,
-    },
     Attach {
         conn: ConnId,
         peer: NodeId,
@@ -94,6 +98,13 @@ enum Command {
         hubs: BTreeMap<NodeId, String>,
     },
     Shutdown,
+}
+
+/// A local request and where its answer goes.
+#[derive(Debug)]
+struct QueuedRequest {
+    request: Request,
+    reply: oneshot::Sender<Result<Response, RequestError>>,
 }
 
 /// The answer to a request sent with [`NodeHandle::submit`].
@@ -118,6 +129,7 @@ impl std::future::Future for Answer {
 #[derive(Debug, Clone)]
 pub struct NodeHandle {
     commands: mpsc::Sender<Command>,
+    requests: mpsc::Sender<QueuedRequest>,
     next_conn: Arc<AtomicU64>,
     next_stream: Arc<AtomicU64>,
     admission_refusals: Arc<AtomicU64>,
@@ -140,8 +152,8 @@ impl NodeHandle {
     /// that a caller can keep several requests in flight in a known order.
     pub async fn submit(&self, request: Request) -> Result<Answer, DriverError> {
         let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::Request { request, reply })
+        self.requests
+            .send(QueuedRequest { request, reply })
             .await
             .map_err(|_| DriverError::Stopped)?;
         Ok(Answer(answer))
@@ -158,7 +170,7 @@ impl NodeHandle {
         let (reply, _) = oneshot::channel();
         let request = Request::EndStream { stream, doc_id };
         // A full queue leaves the stream to the node's bound on stopped streams.
-        let _ = self.commands.try_send(Command::Request { request, reply });
+        let _ = self.requests.try_send(QueuedRequest { request, reply });
     }
 
     /// Registers a new connection's writer; returns its id. Bytes read from it go to [`Self::received`].
@@ -254,9 +266,11 @@ pub fn spawn_node(
     store: mpsc::Sender<(u64, StoreTask)>,
 ) -> (NodeHandle, StoreReplies, tokio::task::JoinHandle<()>) {
     let (commands, receiver) = mpsc::channel(COMMAND_QUEUE_CAPACITY);
+    let (requests, request_receiver) = mpsc::channel(COMMAND_QUEUE_CAPACITY);
     let (status_tx, status) = watch::channel(NodeStatus::default());
     let handle = NodeHandle {
         commands: commands.clone(),
+        requests,
         next_conn: Arc::new(AtomicU64::new(1)),
         next_stream: Arc::new(AtomicU64::new(1)),
         admission_refusals: Arc::new(AtomicU64::new(0)),
@@ -272,7 +286,7 @@ pub fn spawn_node(
         next_request: 0,
         status: status_tx,
     };
-    let task = tokio::spawn(driver.run(receiver));
+    let task = tokio::spawn(driver.run(receiver, request_receiver));
     (handle, replies, task)
 }
 
@@ -299,43 +313,67 @@ struct Driver {
 }
 
 impl Driver {
-    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut requests: mpsc::Receiver<QueuedRequest>,
+    ) {
         // Documents loaded at start count before the first command arrives.
         self.publish_status(0);
+        // Closed once every handle is gone; store replies may still come.
+        let mut requests_open = true;
+        let mut last_status = Instant::now();
         loop {
             let timer = self.node.poll_timeout().map(tokio::time::Instant::from_std);
-            let command = tokio::select! {
-                command = commands.recv() => command,
+            tokio::select! {
+                biased;
+                command = commands.recv() => {
+                    let Some(command) = command else { break };
+                    if !self.handle(command) {
+                        break;
+                    }
+                }
                 () = sleep_until(timer) => {
                     self.node.handle_timeout(Instant::now());
-                    if !self.drain().await { break; }
-                    continue;
                 }
-            };
-            let Some(first) = command else { break };
-            if !self.handle(first) {
-                break;
+                request = requests.recv(), if requests_open => match request {
+                    Some(request) => self.handle_request(request),
+                    None => requests_open = false,
+                },
             }
             let mut stopping = false;
             for _ in 1..MAX_COMMANDS_PER_TURN {
-                match commands.try_recv() {
-                    Ok(command) => {
-                        if !self.handle(command) {
-                            stopping = true;
-                            break;
-                        }
-                    }
-                    Err(_) => break,
+                let Ok(command) = commands.try_recv() else { break };
+                if !self.handle(command) {
+                    stopping = true;
+                    break;
                 }
+            }
+            for _ in 0..MAX_REQUESTS_PER_TURN {
+                let Ok(request) = requests.try_recv() else { break };
+                self.handle_request(request);
             }
             if !self.drain().await || stopping {
                 break;
             }
-            self.publish_status(commands.len());
+            // Under load, at most every STATUS_INTERVAL (it walks every peer); always before
+            // the loop goes idle, so a quiet node's status is never stale.
+            let queued = commands.len() + requests.len();
+            if queued == 0 || last_status.elapsed() >= STATUS_INTERVAL {
+                self.publish_status(queued);
+                last_status = Instant::now();
+            }
         }
         for (_, writer) in std::mem::take(&mut self.writers) {
             let _ = writer.try_send(WriterMessage::Close("node shutting down".into()));
         }
+    }
+
+    fn handle_request(&mut self, QueuedRequest { request, reply }: QueuedRequest) {
+        let id = self.next_request;
+        self.next_request += 1;
+        self.requests.insert(id, reply);
+        self.node.handle_input(Instant::now(), Input::Request { id, request });
     }
 
     /// Feeds one command; false means stop.
@@ -347,12 +385,6 @@ impl Driver {
                     self.writers.remove(conn);
                 }
                 self.node.handle_input(now, input);
-            }
-            Command::Request { request, reply } => {
-                let id = self.next_request;
-                self.next_request += 1;
-                self.requests.insert(id, reply);
-                self.node.handle_input(now, Input::Request { id, request });
             }
             Command::Attach { conn, peer, restrict, writer } => {
                 self.writers.insert(conn, writer);
@@ -431,5 +463,98 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SyncConfig;
+    use crate::frame::{encode_frame, FrameDecoder};
+    use crate::message::{Envelope, Message};
+
+    fn frame(message: Message) -> Vec<u8> {
+        let sender = uhlc::ID::try_from([2u8; 16]).unwrap();
+        let sent_at = uhlc::HLC::default().new_timestamp();
+        let envelope =
+            Envelope { sent_at: uhlc::Timestamp::new(*sent_at.get_time(), sender), message };
+        encode_frame(&envelope.encode(), SyncConfig::MIN_FRAME_BYTES).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_peer_ping_is_answered_ahead_of_a_backlog_of_local_writes() {
+        const WRITES: usize = 1_000;
+        let config = SyncConfig { heartbeat_interval_ms: 0, ..SyncConfig::hub() };
+        let node = Node::new(
+            NodeId::from_bytes([1; 16]),
+            Role::Hub,
+            automerge::ActorId::from(vec![1u8; 16]),
+            uhlc::HLC::default(),
+            config,
+        );
+        // A store queue of one task that nobody reads yet: two writes stall the loop on
+        // sending its second task, so the writes below and the ping all wait in their queues.
+        let (store, mut store_tasks) = mpsc::channel(1);
+        let (handle, _replies, _task) = spawn_node(node, store);
+        let (writer, mut frames) = mpsc::channel(4 * WRITES);
+        let peer = NodeId::from_bytes([2; 16]);
+        let conn = handle.attach(peer, writer).await.unwrap();
+        let hello =
+            Message::Hello { node_id: peer, role: Role::Agent, scope: CollectionScope::all() };
+        handle.received(conn, frame(hello)).await.unwrap();
+        let mut answers = Vec::new();
+        for i in 0..WRITES + 2 {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
+            let ops = serde_json::from_value(serde_json::json!([
+                {"op": "set", "path": ["n"], "value": i}
+            ]))
+            .unwrap();
+            let request = Request::Create {
+                doc_id: DocId::from_slice(&id).unwrap(),
+                collection: "c".parse().unwrap(),
+                ops,
+            };
+            answers.push(handle.submit(request).await.unwrap());
+            if i == 1 {
+                while store_tasks.is_empty() {
+                    tokio::task::yield_now().await;
+                }
+                // Let the loop reach the send that blocks.
+                for _ in 0..10 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+        handle.received(conn, frame(Message::Ping)).await.unwrap();
+        // Read store tasks until the pong is out; every write handled before the ping put one
+        // task in the store queue.
+        let mut decoder = FrameDecoder::new(SyncConfig::MAX_FRAME_BYTES);
+        let mut tasks_before_pong = 0;
+        'pong: loop {
+            tokio::select! {
+                task = store_tasks.recv() => {
+                    assert!(task.is_some(), "the node loop stopped");
+                    tasks_before_pong += 1;
+                }
+                written = frames.recv() => {
+                    let Some(WriterMessage::Frame(bytes)) = written else { panic!("{written:?}") };
+                    decoder.push(&bytes);
+                    while let Some(payload) = decoder.next_frame().unwrap() {
+                        if Envelope::decode(&payload).unwrap().message == Message::Pong {
+                            break 'pong;
+                        }
+                    }
+                }
+            }
+        }
+        // The two that stalled the loop, and at most one turn of requests after them (a single
+        // queue would have handled all of them first).
+        assert!(
+            tasks_before_pong <= 2 + MAX_REQUESTS_PER_TURN,
+            "{tasks_before_pong} of {} writes were handled before the ping",
+            WRITES + 2
+        );
+        drop(answers);
     }
 }
