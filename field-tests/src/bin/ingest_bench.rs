@@ -99,12 +99,14 @@ struct Args {
     fan_out: bool,
     /// Send the requests as one ordered write stream instead of one after another.
     stream: bool,
+    /// End-to-end runs per configuration; the table shows the median run.
+    repeat: usize,
 }
 
 const USAGE: &str = "\
 usage: ingest-bench [--trace PATH] [--batch N[:EDITS][,N[:EDITS]...]]... [--limit N]
                     [--am-trace NAME_OR_PATH]... [--am-traces all] [--am-batch N] [--fan-out]
-                    [--stream]
+                    [--stream] [--repeat N]
 
   --trace PATH    automerge-perf edits.json (default: shared/data/automerge-traces/edits.json
                   next to the repository)
@@ -120,7 +122,10 @@ usage: ingest-bench [--trace PATH] [--batch N[:EDITS][,N[:EDITS]...]]... [--limi
   --fan-out       also run a second agent, B, that the hub forwards everything to, and time
                   until B has it (three nodes sharing this machine's cores)
   --stream        send the batches as one ordered write stream (POST /v1/docs/{id}/writes,
-                  one line per batch) instead of one request after another's answer";
+                  one line per batch) instead of one request after another's answer
+  --repeat N      end-to-end runs per configuration, each with fresh nodes (default 1); the
+                  table shows the run with the median hub-visible time, and every run's
+                  hub-visible/raw ratio is listed below it";
 
 fn parse_args() -> anyhow::Result<Option<Args>> {
     let mut trace = PathBuf::from(DEFAULT_TRACE);
@@ -130,6 +135,7 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
     let mut am_batch = DEFAULT_AM_BATCH;
     let mut fan_out = false;
     let mut stream = false;
+    let mut repeat = 1;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
@@ -160,6 +166,10 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
             }
             "--fan-out" => fan_out = true,
             "--stream" => stream = true,
+            "--repeat" => {
+                repeat = value("--repeat")?.parse().context("--repeat")?;
+                anyhow::ensure!(repeat > 0, "--repeat must be positive");
+            }
             "-h" | "--help" => return Ok(None),
             other => anyhow::bail!("unknown argument {other:?}\n{USAGE}"),
         }
@@ -167,7 +177,7 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
     if runs.is_empty() {
         runs = DEFAULT_RUNS.to_vec();
     }
-    Ok(Some(Args { trace, runs, limit, am_traces, am_batch, fan_out, stream }))
+    Ok(Some(Args { trace, runs, limit, am_traces, am_batch, fan_out, stream, repeat }))
 }
 
 fn parse_batch_spec(spec: &str) -> anyhow::Result<(usize, Option<usize>)> {
@@ -282,6 +292,29 @@ struct E2eResult {
     /// CPU time the hub and A used while timed.
     hub_cpu: Duration,
     a_cpu: Duration,
+}
+
+/// Runs `run` `repeat` times and keeps the run with the median hub-visible time, with every
+/// run's hub-visible time in the order they ran.
+fn median_run(
+    repeat: usize,
+    mut run: impl FnMut() -> anyhow::Result<E2eResult>,
+) -> anyhow::Result<(E2eResult, Vec<Duration>)> {
+    let mut runs = Vec::with_capacity(repeat);
+    for _ in 0..repeat {
+        runs.push(run()?);
+    }
+    let times: Vec<Duration> = runs.iter().map(|r| r.hub_visible).collect();
+    runs.sort_by_key(|r| r.hub_visible);
+    let median = runs.swap_remove(runs.len() / 2);
+    Ok((median, times))
+}
+
+/// Every run's hub-visible rate over the raw rate, as listed under the tables.
+fn run_ratios(work: usize, raw_rate: f64, times: &[Duration]) -> String {
+    let ratios: Vec<String> =
+        times.iter().map(|t| format!("{:.2}", rate(work, *t) / raw_rate)).collect();
+    ratios.join(", ")
 }
 
 /// Replays `edits` on agent A in requests of `batch` splice ops and waits for agent B to
@@ -669,16 +702,11 @@ fn sorted(mut heads: Vec<String>) -> Vec<String> {
 }
 
 /// Replays every `.am` trace and prints their table.
-fn am_runs(
-    names: &[String],
-    data_dir: &Path,
-    batch: usize,
-    fan_out: bool,
-    stream: bool,
-) -> anyhow::Result<()> {
+fn am_runs(args: &Args, data_dir: &Path) -> anyhow::Result<()> {
+    let batch = args.am_batch;
     let mut rows = Vec::new();
     let mut single = Vec::new();
-    for name in names {
+    for name in &args.am_traces {
         let trace = load_am_trace(name, data_dir, batch)?;
         if trace.batches.len() == 1 {
             // The first batch only creates the document, untimed: there is nothing to measure.
@@ -703,14 +731,17 @@ fn am_runs(
             raw.elapsed.as_secs_f64(),
             group(rate(trace.timed_changes(), raw.elapsed))
         );
-        let e2e = am_end_to_end(&trace, &raw.json, fan_out, stream)?;
-        eprintln!(
-            "  {}: the hub has the saved document's heads after {:.2} s{}",
-            trace.name,
-            e2e.hub_visible.as_secs_f64(),
-            b_after(&e2e)
-        );
-        rows.push((trace, raw, e2e));
+        let (e2e, times) = median_run(args.repeat, || {
+            let e2e = am_end_to_end(&trace, &raw.json, args.fan_out, args.stream)?;
+            eprintln!(
+                "  {}: the hub has the saved document's heads after {:.2} s{}",
+                trace.name,
+                e2e.hub_visible.as_secs_f64(),
+                b_after(&e2e)
+            );
+            Ok(e2e)
+        })?;
+        rows.push((trace, raw, e2e, times));
     }
 
     println!("\n## Saved Automerge documents, {batch} changes per batch\n");
@@ -720,7 +751,7 @@ fn am_runs(
          | B-visible/raw | A / hub CPU s | hub peak RSS MiB | A peak RSS MiB | B peak RSS MiB |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (trace, raw, e2e) in &rows {
+    for (trace, raw, e2e, _) in &rows {
         let timed = trace.timed_changes();
         let raw_rate = rate(timed, raw.elapsed);
         let hub_rate = rate(timed, e2e.hub_visible);
@@ -749,6 +780,21 @@ fn am_runs(
         );
     }
     println!();
+    if args.repeat > 1 {
+        let lists: Vec<String> = rows
+            .iter()
+            .map(|(trace, raw, _, times)| {
+                let timed = trace.timed_changes();
+                let raw_rate = rate(timed, raw.elapsed);
+                format!("{}: {}", trace.name, run_ratios(timed, raw_rate, times))
+            })
+            .collect();
+        println!(
+            "Median of {} end-to-end runs; hub-visible/raw of each run, in order: {}.",
+            args.repeat,
+            lists.join("; ")
+        );
+    }
     if !single.is_empty() {
         println!(
             "Traces with one batch only create the document, which is not timed; a smaller \
@@ -917,14 +963,17 @@ fn run() -> anyhow::Result<()> {
             raw.elapsed.as_secs_f64(),
             group(rate(spec.edits, raw.elapsed))
         );
-        let e2e = end_to_end(edits, spec.batch, &raw.text, args.fan_out, args.stream)?;
-        eprintln!(
-            "  batch {}: the hub has A's final heads after {:.2} s{}",
-            spec.batch,
-            e2e.hub_visible.as_secs_f64(),
-            b_after(&e2e)
-        );
-        rows.push((*spec, raw, e2e));
+        let (e2e, times) = median_run(args.repeat, || {
+            let e2e = end_to_end(edits, spec.batch, &raw.text, args.fan_out, args.stream)?;
+            eprintln!(
+                "  batch {}: the hub has A's final heads after {:.2} s{}",
+                spec.batch,
+                e2e.hub_visible.as_secs_f64(),
+                b_after(&e2e)
+            );
+            Ok(e2e)
+        })?;
+        rows.push((*spec, raw, e2e, times));
     }
 
     println!("# Cairn ingest benchmark: automerge-perf editing trace\n");
@@ -943,7 +992,7 @@ fn run() -> anyhow::Result<()> {
          | raw peak RSS MiB | hub peak RSS MiB | A peak RSS MiB | B peak RSS MiB |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (spec, raw, e2e) in &rows {
+    for (spec, raw, e2e, _) in &rows {
         let raw_rate = rate(spec.edits, raw.elapsed);
         let acked_rate = rate(spec.edits, e2e.acked);
         let hub_rate = rate(spec.edits, e2e.hub_visible);
@@ -969,7 +1018,21 @@ fn run() -> anyhow::Result<()> {
         );
     }
     println!();
-    if rows.iter().any(|(spec, _, _)| spec.default_prefix) {
+    if args.repeat > 1 {
+        let lists: Vec<String> = rows
+            .iter()
+            .map(|(spec, raw, _, times)| {
+                let raw_rate = rate(spec.edits, raw.elapsed);
+                format!("batch {}: {}", spec.batch, run_ratios(spec.edits, raw_rate, times))
+            })
+            .collect();
+        println!(
+            "Median of {} end-to-end runs; hub-visible/raw of each run, in order: {}.",
+            args.repeat,
+            lists.join("; ")
+        );
+    }
+    if rows.iter().any(|(spec, _, _, _)| spec.default_prefix) {
         println!(
             "\\* First {SMALL_BATCH_PREFIX} edits only: each request is one durable change, \
              one fsync per node, so small batches over the whole trace take too long."
@@ -985,7 +1048,7 @@ fn run() -> anyhow::Result<()> {
     );
     let bases: Vec<String> = rows
         .iter()
-        .map(|(spec, raw, _)| format!("batch {}: {}", spec.batch, mib(raw.base_rss_kib)))
+        .map(|(spec, raw, _, _)| format!("batch {}: {}", spec.batch, mib(raw.base_rss_kib)))
         .collect();
     println!(
         "Raw peak RSS is this process's VmHWM during the replay, including the loaded trace \
@@ -995,7 +1058,7 @@ fn run() -> anyhow::Result<()> {
     );
     if !args.am_traces.is_empty() {
         let data_dir = trace_path.parent().unwrap_or(Path::new("."));
-        am_runs(&args.am_traces, data_dir, args.am_batch, args.fan_out, args.stream)?;
+        am_runs(&args, data_dir)?;
     }
     Ok(())
 }
