@@ -1204,6 +1204,7 @@ fn a_whole_document_from_a_peer_is_stored_as_the_snapshot_it_arrived_as() {
     let stored = &pair.stores[1][&doc_id];
     assert_eq!(stored.snapshot.as_ref(), Some(&sent[0]), "stored as it arrived");
     assert!(stored.changes.is_empty(), "the changes stored before it are replaced");
+    assert_eq!(pair.nodes[1].stats().saved_documents_adopted, 1);
     // The stored document reads back whole, and the agent still writes as itself.
     let reloaded = Document::load(stored, ActorId::random()).unwrap();
     assert_eq!(reloaded.doc.get_heads(), pair.heads(0)[&doc_id]);
@@ -1241,6 +1242,7 @@ fn a_whole_document_lacking_a_change_held_here_is_merged_and_nothing_is_lost() {
     assert_eq!(agent.to_json()["k"], json!("v29"));
     let stored = &pair.stores[1][&doc_id];
     assert!(stored.snapshot.is_none(), "merged change by change, stored as changes");
+    assert_eq!(pair.nodes[1].stats().saved_documents_adopted, 0);
     assert_eq!(stored.changes.len(), 29);
 }
 

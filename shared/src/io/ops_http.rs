@@ -33,6 +33,7 @@ pub struct Metrics {
     document_loads: Counter,
     document_evictions: Counter,
     frames_compressed: Counter,
+    saved_documents_adopted: Counter,
     admission_refusals: Counter,
     documents: Gauge,
     cached_documents: Gauge,
@@ -67,6 +68,7 @@ impl Metrics {
             document_loads: Counter::default(),
             document_evictions: Counter::default(),
             frames_compressed: Counter::default(),
+            saved_documents_adopted: Counter::default(),
             admission_refusals: Counter::default(),
             documents: Gauge::default(),
             cached_documents: Gauge::default(),
@@ -128,6 +130,11 @@ impl Metrics {
             "frames_compressed",
             "Frames of batched sync messages sent compressed",
             metrics.frames_compressed.clone(),
+        );
+        registry.register(
+            "saved_documents_adopted",
+            "Whole saved documents loaded in a document's place and stored as they arrived",
+            metrics.saved_documents_adopted.clone(),
         );
         registry.register(
             "replication_lag_to_hubs_seconds",
@@ -213,6 +220,11 @@ impl Metrics {
             (&self.document_loads, s.document_loads, last.document_loads),
             (&self.document_evictions, s.document_evictions, last.document_evictions),
             (&self.frames_compressed, s.frames_compressed, last.frames_compressed),
+            (
+                &self.saved_documents_adopted,
+                s.saved_documents_adopted,
+                last.saved_documents_adopted,
+            ),
         ];
         for (counter, now, before) in pairs {
             counter.inc_by(now.saturating_sub(before));

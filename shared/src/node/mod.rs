@@ -430,6 +430,7 @@ impl Node {
         document.persisting += 1;
         let mut stored_bytes = match &snapshot {
             Some(snapshot) => {
+                self.stats.saved_documents_adopted += 1;
                 let history = document.history_len();
                 let gained = history.saturating_sub(document.change_count);
                 self.stats.changes_committed += gained as u64;

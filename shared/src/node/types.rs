@@ -375,4 +375,7 @@ pub struct NodeStats {
     pub documents_quarantined: u64,
     /// Frames sent compressed.
     pub frames_compressed: u64,
+    /// Whole saved documents (from peers or uploads) that took a document's place and were
+    /// stored as they arrived, instead of being merged change by change.
+    pub saved_documents_adopted: u64,
 }
