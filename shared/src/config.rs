@@ -35,6 +35,11 @@ pub struct SyncConfig {
     /// Most changes in one document's history, with the same effect as `max_document_bytes`:
     /// Automerge's memory and merge time grow with the history, not only with its bytes.
     pub max_document_changes: usize,
+    /// A merge of a peer's changes into one document, or a load of one from the store, that
+    /// takes longer than this many milliseconds quarantines the document, so that it cannot
+    /// stall the node (and, through missed heartbeats, its connections) again. The node's
+    /// driver times the work, since the core reads no clock; 0 sets no limit.
+    pub max_merge_ms: u64,
     /// Compress a frame of batched sync messages (catch-up after a reconnect, fan-out of many
     /// documents) when its messages reach this many bytes and compressing shrinks them; 0
     /// never compresses. Small frames are sent as they are: live edits gain little from it.
@@ -81,6 +86,7 @@ impl SyncConfig {
             document_cache_bytes: 32 * 1024 * 1024,
             max_document_bytes: 64 * 1024 * 1024,
             max_document_changes: 1_000_000,
+            max_merge_ms: 30_000,
             compress_above_bytes: 16 * 1024,
             sync_batch_window_ms: 250,
             heartbeat_interval_ms: 1_000,
@@ -97,6 +103,11 @@ impl SyncConfig {
             document_cache_bytes: 256 * 1024 * 1024,
             ..Self::edge()
         }
+    }
+
+    /// The longest a merge or load of one document may take, if there is a limit.
+    pub fn merge_limit(&self) -> Option<std::time::Duration> {
+        (self.max_merge_ms > 0).then(|| std::time::Duration::from_millis(self.max_merge_ms))
     }
 
     /// Checks every value against its range.

@@ -1311,3 +1311,83 @@ fn a_whole_document_that_brings_nothing_new_stores_nothing_and_is_answered() {
     let after = node.documents().find(|(id, _)| **id == doc_id).unwrap().1;
     assert_eq!(after.doc.get_heads(), held.get_heads());
 }
+
+/// A node that merged one change of document [4; 16] from its agent peer, committed.
+fn node_after_a_merge(config: SyncConfig) -> (Node, DocId) {
+    use automerge::sync::SyncDoc;
+    let mut node = node_with(SyncConfig { heartbeat_interval_ms: 0, ..config });
+    let now = Instant::now();
+    connect(&mut node, now);
+    let mut remote = automerge::Automerge::new();
+    let ops: Vec<Op> =
+        serde_json::from_value(json!([{"op": "set", "path": ["x"], "value": 1}])).unwrap();
+    cairn_shared::ops::apply_ops(&mut remote, &ops, 0).unwrap();
+    let doc_id = DocId::from_slice(&[4; 16]).unwrap();
+    let mut state = automerge::sync::State::new();
+    for _ in 0..4 {
+        let Some(message) = remote.generate_sync_message(&mut state) else { break };
+        let sync_message = message.encode();
+        let frame = frame(
+            Message::DocSync { doc_id, collection: "c".parse().unwrap(), sync_message },
+            fixed_clock(),
+        );
+        node.handle_input(now, Input::Received { conn: CONN, bytes: frame });
+        for output in drain(&mut node) {
+            match output {
+                Output::Store { task, .. } => {
+                    assert_eq!(node.documents_worked(), [doc_id], "the merge is named");
+                    node.handle_input(now, Input::StoreDone { task, reply: StoreReply::Committed })
+                }
+                Output::Transmit { .. } => {
+                    for reply in sent_messages(&[output]) {
+                        if let Message::DocSync { sync_message, .. } = reply {
+                            let decoded = automerge::sync::Message::decode(&sync_message).unwrap();
+                            remote.receive_sync_message(&mut state, decoded).unwrap();
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    drain(&mut node);
+    assert!(node.documents().any(|(id, _)| *id == doc_id), "the change was merged");
+    (node, doc_id)
+}
+
+#[test]
+fn a_merge_that_overran_max_merge_ms_quarantines_its_document() {
+    let (mut node, doc_id) = node_after_a_merge(SyncConfig::hub());
+    let now = Instant::now();
+    node.handle_input(
+        now,
+        Input::Received { conn: CONN, bytes: frame(Message::Ping, fixed_clock()) },
+    );
+    assert!(node.documents_worked().is_empty(), "a ping merges nothing");
+    let limit = node.merge_limit().expect("limited by default");
+    node.handle_input(now, Input::WorkTook { doc_id, took: limit });
+    assert_eq!(node.quarantined().count(), 0, "at the limit is within it");
+    node.handle_input(now, Input::WorkTook { doc_id, took: limit + Duration::from_millis(1) });
+    let reasons: Vec<(&DocId, &str)> = node.quarantined().collect();
+    assert_eq!(reasons.len(), 1);
+    assert_eq!(*reasons[0].0, doc_id);
+    assert!(reasons[0].1.contains("max_merge_ms"), "{}", reasons[0].1);
+    node.handle_input(now, Input::Request { id: 7, request: Request::Read { doc_id } });
+    let outputs = drain(&mut node);
+    assert!(
+        outputs.iter().any(|o| matches!(
+            o,
+            Output::Respond { id: 7, result: Err(RequestError::Quarantined { .. }) }
+        )),
+        "{outputs:?}"
+    );
+}
+
+#[test]
+fn with_max_merge_ms_zero_no_merge_is_too_slow() {
+    let (mut node, doc_id) =
+        node_after_a_merge(SyncConfig { max_merge_ms: 0, ..SyncConfig::hub() });
+    assert_eq!(node.merge_limit(), None);
+    node.handle_input(Instant::now(), Input::WorkTook { doc_id, took: Duration::from_secs(3600) });
+    assert_eq!(node.quarantined().count(), 0);
+}

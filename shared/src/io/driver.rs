@@ -384,7 +384,12 @@ impl Driver {
                 if let Input::Disconnected { conn } = &input {
                     self.writers.remove(conn);
                 }
+                // Peer frames and store replies are where merges and loads run.
+                let timed = matches!(input, Input::Received { .. } | Input::StoreDone { .. });
                 self.node.handle_input(now, input);
+                if timed {
+                    self.check_work(now.elapsed());
+                }
             }
             Command::Attach { conn, peer, restrict, writer } => {
                 self.writers.insert(conn, writer);
@@ -396,6 +401,22 @@ impl Driver {
             Command::Shutdown => return false,
         }
         true
+    }
+
+    /// Tells the node when the input just handled overran `max_merge_ms` on one document.
+    fn check_work(&mut self, took: Duration) {
+        match overran(took, self.node.merge_limit(), self.node.documents_worked()) {
+            Overrun::No => {}
+            Overrun::One(doc_id) => {
+                tracing::warn!(%doc_id, ?took, "merge or load overran max_merge_ms; quarantining");
+                self.node.handle_input(Instant::now(), Input::WorkTook { doc_id, took });
+            }
+            Overrun::Several(documents) => {
+                // A frame of several documents' messages cannot say which one was slow; the
+                // culprit overruns alone at its next sync.
+                tracing::warn!(documents, ?took, "an input of several merges overran max_merge_ms");
+            }
+        }
     }
 
     /// Carries out every pending output; false if the store is gone.
@@ -459,6 +480,24 @@ impl Driver {
     }
 }
 
+/// Whether an input that took `took` overran the merge limit, and on which document.
+#[derive(Debug, PartialEq, Eq)]
+enum Overrun {
+    No,
+    One(DocId),
+    Several(usize),
+}
+
+fn overran(took: Duration, limit: Option<Duration>, worked: &[DocId]) -> Overrun {
+    match (limit, worked) {
+        (Some(limit), [doc_id]) if took > limit => Overrun::One(*doc_id),
+        (Some(limit), several) if took > limit && several.len() > 1 => {
+            Overrun::Several(several.len())
+        }
+        _ => Overrun::No,
+    }
+}
+
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -479,6 +518,18 @@ mod tests {
         let envelope =
             Envelope { sent_at: uhlc::Timestamp::new(*sent_at.get_time(), sender), message };
         encode_frame(&envelope.encode(), SyncConfig::MIN_FRAME_BYTES).unwrap()
+    }
+
+    #[test]
+    fn only_an_overrun_on_one_document_names_it() {
+        let (a, b) = (DocId::from_slice(&[1; 16]).unwrap(), DocId::from_slice(&[2; 16]).unwrap());
+        let limit = Some(Duration::from_secs(30));
+        let (fast, slow) = (Duration::from_secs(29), Duration::from_secs(31));
+        assert_eq!(overran(slow, limit, &[a]), Overrun::One(a));
+        assert_eq!(overran(fast, limit, &[a]), Overrun::No);
+        assert_eq!(overran(slow, limit, &[a, b]), Overrun::Several(2));
+        assert_eq!(overran(slow, limit, &[]), Overrun::No);
+        assert_eq!(overran(slow, None, &[a]), Overrun::No, "no limit");
     }
 
     #[tokio::test]

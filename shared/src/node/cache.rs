@@ -75,6 +75,7 @@ impl Node {
         sync_states: SavedSyncStates,
     ) {
         let waiting = self.loading.remove(&doc_id).unwrap_or_default();
+        self.note_work(doc_id);
         let limit = self.config.max_document_bytes;
         let loaded = match stored {
             None => Err("the store holds no such document".to_owned()),

@@ -134,6 +134,8 @@ pub struct Node {
     now: Option<Instant>,
     /// Write streams in which a write failed: their later writes are refused.
     stopped_streams: BTreeSet<StreamId>,
+    /// Documents whose merge or load ran during the input being handled.
+    worked: Vec<DocId>,
     stats: NodeStats,
 }
 
@@ -192,6 +194,7 @@ impl Node {
             pacing,
             now: None,
             stopped_streams: BTreeSet::new(),
+            worked: Vec::new(),
             stats: NodeStats::default(),
         }
     }
@@ -291,6 +294,7 @@ impl Node {
     /// Feeds one input.
     pub fn handle_input(&mut self, now: Instant, input: Input) {
         self.now = Some(now);
+        self.worked.clear();
         self.evict_over_budget();
         self.next_anti_entropy.get_or_insert(now + self.config.anti_entropy_interval());
         match input {
@@ -301,7 +305,41 @@ impl Node {
             Input::Disconnected { conn } => self.on_disconnected(conn),
             Input::Request { id, request } => self.on_request(now, id, request),
             Input::StoreDone { task, reply } => self.on_store_done(task, reply),
+            Input::WorkTook { doc_id, took } => self.on_work_took(doc_id, took),
         }
+    }
+
+    /// The documents whose Automerge work (a merge of a peer's changes, a load from the
+    /// store) ran during the last input, for the driver to time: the core reads no clock.
+    pub fn documents_worked(&self) -> &[DocId] {
+        &self.worked
+    }
+
+    /// The longest a merge or load of one document may take (`max_merge_ms`), if limited.
+    pub fn merge_limit(&self) -> Option<std::time::Duration> {
+        self.config.merge_limit()
+    }
+
+    /// Notes that a merge or load of `doc_id` runs during this input.
+    pub(super) fn note_work(&mut self, doc_id: DocId) {
+        if !self.worked.contains(&doc_id) {
+            self.worked.push(doc_id);
+        }
+    }
+
+    /// Quarantines a document whose merge or load took longer than `max_merge_ms`: the work
+    /// is done, but a document that costs this much would stall the node at every sync.
+    fn on_work_took(&mut self, doc_id: DocId, took: std::time::Duration) {
+        let Some(limit) = self.merge_limit() else { return };
+        if took <= limit || self.quarantined.contains_key(&doc_id) {
+            return;
+        }
+        let reason = format!(
+            "merging or loading it took {:.1} s, over the limit of {:.1} s (max_merge_ms)",
+            took.as_secs_f64(),
+            limit.as_secs_f64()
+        );
+        self.quarantine(doc_id, reason);
     }
 
     /// When [`Node::handle_timeout`] should next be called.

@@ -320,6 +320,9 @@ impl Node {
             let Some(peer) = self.peers.get_mut(&conn) else { return };
             peer.sync_states.insert(doc_id, state);
         }
+        if !message.changes.is_empty() {
+            self.note_work(doc_id);
+        }
         let (Some(peer), Some(document)) =
             (self.peers.get_mut(&conn), self.documents.get_mut(&doc_id))
         else {

@@ -53,6 +53,15 @@ pub enum Input {
         /// Its outcome; an error means the store cannot be trusted and the driver stops.
         reply: StoreReply,
     },
+    /// The driver timed the last input, whose Automerge work (a merge of a peer's changes or
+    /// a load from the store, see [`super::Node::documents_worked`]) was all on `doc_id`,
+    /// and it took `took`. Past `max_merge_ms` the document is quarantined.
+    WorkTook {
+        /// The one document worked on.
+        doc_id: DocId,
+        /// How long the input took.
+        took: std::time::Duration,
+    },
 }
 
 /// A local application request.
