@@ -153,15 +153,18 @@ impl Document {
     }
 
     /// Takes `saved`, a whole saved document from a peer's sync message or an upload, in this
-    /// one's place when it holds every change this one has and nothing waits in this one's
-    /// queue. Loading a saved document costs a fraction of merging it: Automerge would load
+    /// one's place when it holds every change this one has and nothing waits in either one's
+    /// queue (a change whose history is missing is never stored, so a queued one would be
+    /// lost from the snapshot's account). Loading a saved document costs a fraction of merging it: Automerge would load
     /// it, apply its changes again one by one, and the store would then need each of them
     /// encoded again, where the saved bytes can be stored as they are. Returns how many
     /// changes the document gained, or hands `saved` back.
     pub fn adopt(&mut self, mut saved: Automerge) -> Result<usize, Box<Automerge>> {
         let holds_ours =
             self.doc.get_heads().iter().all(|h| saved.get_change_meta_by_hash(h).is_some());
-        if !holds_ours || !self.doc.get_missing_deps(&[]).is_empty() {
+        let nothing_queued =
+            self.doc.get_missing_deps(&[]).is_empty() && saved.get_missing_deps(&[]).is_empty();
+        if !holds_ours || !nothing_queued {
             return Err(Box::new(saved));
         }
         let history_before = self.history_len();

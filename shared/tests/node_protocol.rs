@@ -1391,3 +1391,68 @@ fn with_max_merge_ms_zero_no_merge_is_too_slow() {
     node.handle_input(Instant::now(), Input::WorkTook { doc_id, took: Duration::from_secs(3600) });
     assert_eq!(node.quarantined().count(), 0);
 }
+
+#[test]
+fn an_uploaded_saved_document_trailed_by_a_change_without_its_history_is_refused_whole() {
+    let mut node = node();
+    let now = Instant::now();
+    let edits = numbered_edits(5);
+    let edits: Vec<&str> = edits.iter().map(String::as_str).collect();
+    let doc_id = DocId::from_slice(&[5; 16]).unwrap();
+    let first = stored_doc(1, &edits[..1]).snapshot.unwrap();
+    let request = Request::Import { doc_id, collection: Some("c".parse().unwrap()), bytes: first };
+    node.handle_input(now, Input::Request { id: 1, request });
+    for output in drain(&mut node) {
+        if let Output::Store { task, .. } = output {
+            node.handle_input(now, Input::StoreDone { task, reply: StoreReply::Committed });
+        }
+    }
+    drain(&mut node);
+    let before = node.documents().find(|(id, _)| **id == doc_id).unwrap().1.doc.get_heads();
+    // A saved copy holding more, and after it a change that builds on one it does not carry.
+    let source = Document::load(&stored_doc(1, &edits), ActorId::random()).unwrap().doc;
+    let mut ahead = source.fork();
+    let ops: Vec<Op> =
+        serde_json::from_value(json!([{"op": "set", "path": ["a"], "value": 1}])).unwrap();
+    cairn_shared::ops::apply_ops(&mut ahead, &ops, 0).unwrap();
+    let missing = ahead.get_last_local_change().unwrap();
+    let ops: Vec<Op> =
+        serde_json::from_value(json!([{"op": "set", "path": ["a"], "value": 2}])).unwrap();
+    cairn_shared::ops::apply_ops(&mut ahead, &ops, 1).unwrap();
+    let orphan = ahead.get_last_local_change().unwrap();
+    assert!(orphan.deps().contains(&missing.hash()));
+    let mut bytes = source.save();
+    bytes.extend_from_slice(orphan.raw_bytes());
+    let request = Request::Import { doc_id, collection: None, bytes };
+    node.handle_input(now, Input::Request { id: 2, request });
+    let outputs = drain(&mut node);
+    assert!(
+        outputs.iter().any(|o| matches!(
+            o,
+            Output::Respond { id: 2, result: Err(RequestError::BadBytes(_)) }
+        )),
+        "{outputs:?}"
+    );
+    assert!(!outputs.iter().any(|o| matches!(o, Output::Store { .. })), "nothing stored");
+    let after = node.documents().find(|(id, _)| **id == doc_id).unwrap().1;
+    assert_eq!(after.doc.get_heads(), before, "the document is as it was");
+}
+
+#[test]
+fn a_load_that_ran_a_waiting_local_request_names_no_document_to_time() {
+    let mut node = node();
+    let now = Instant::now();
+    let stored = stored_doc(1, &["v"]);
+    let doc_id = stored.doc_id;
+    node.restore_all(vec![(doc_id, index_entry(&stored))]);
+    node.handle_input(now, Input::Request { id: 1, request: Request::Read { doc_id } });
+    let outputs = drain(&mut node);
+    let Some(Output::Store { task, action: StoreTask::Load { .. } }) = outputs.first() else {
+        panic!("{outputs:?}")
+    };
+    let reply = StoreReply::Loaded(Some(stored), Vec::new());
+    node.handle_input(now, Input::StoreDone { task: *task, reply });
+    let outputs = drain(&mut node);
+    assert!(outputs.iter().any(|o| matches!(o, Output::Respond { id: 1, result: Ok(_) })));
+    assert!(node.documents_worked().is_empty(), "local work is not timed");
+}

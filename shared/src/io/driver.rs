@@ -230,7 +230,7 @@ impl NodeHandle {
     }
 
     /// Limits the collections the node holds (a hub: what its region's policy gives it).
-    /// Takes effect before any command sent after it.
+    /// Takes effect before any command or request sent after it.
     pub async fn set_holding(&self, rule: HoldingRule) -> Result<(), DriverError> {
         self.commands.send(Command::SetHolding(rule)).await.map_err(|_| DriverError::Stopped)
     }
@@ -251,7 +251,9 @@ impl NodeHandle {
         self.commands.send(command).await.map_err(|_| DriverError::Stopped)
     }
 
-    /// Asks the loop to stop after closing every connection.
+    /// Asks the loop to stop after closing every connection. Requests still queued are not
+    /// handled: their callers get [`DriverError::Stopped`], never an answer for a write that
+    /// was not made durable.
     pub async fn shutdown(&self) {
         let _ = self.commands.send(Command::Shutdown).await;
     }
@@ -341,17 +343,34 @@ impl Driver {
                     None => requests_open = false,
                 },
             }
+            // A request is taken only once no command waits (within the turn's budget), so
+            // whatever was sent before a request, such as a holding rule, is handled first.
+            let (mut commands_taken, mut requests_taken) = (0, 0);
             let mut stopping = false;
-            for _ in 1..MAX_COMMANDS_PER_TURN {
-                let Ok(command) = commands.try_recv() else { break };
-                if !self.handle(command) {
-                    stopping = true;
-                    break;
+            loop {
+                if commands_taken < MAX_COMMANDS_PER_TURN {
+                    if let Ok(command) = commands.try_recv() {
+                        commands_taken += 1;
+                        if !self.handle(command) {
+                            stopping = true;
+                            break;
+                        }
+                        continue;
+                    }
                 }
+                if requests_taken < MAX_REQUESTS_PER_TURN {
+                    if let Ok(request) = requests.try_recv() {
+                        requests_taken += 1;
+                        self.handle_request(request);
+                        continue;
+                    }
+                }
+                break;
             }
-            for _ in 0..MAX_REQUESTS_PER_TURN {
-                let Ok(request) = requests.try_recv() else { break };
-                self.handle_request(request);
+            // Timers run every turn they are due: a loop kept busy by commands would otherwise
+            // never pick the timer branch, and pacing, heartbeats and deadlines would stall.
+            if self.node.poll_timeout().is_some_and(|due| due <= Instant::now()) {
+                self.node.handle_timeout(Instant::now());
             }
             if !self.drain().await || stopping {
                 break;

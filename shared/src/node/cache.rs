@@ -97,7 +97,10 @@ impl Node {
         }
         for work in waiting {
             match work {
-                Deferred::Request { id, request, at } => self.on_request(at, id, request),
+                Deferred::Request { id, request, at } => {
+                    self.worked_locally = true;
+                    self.on_request(at, id, request)
+                }
                 Deferred::Sync { conn, collection, bytes } => {
                     if self.peers.contains_key(&conn) {
                         self.on_doc_sync(conn, doc_id, collection, &bytes);

@@ -136,6 +136,9 @@ pub struct Node {
     stopped_streams: BTreeSet<StreamId>,
     /// Documents whose merge or load ran during the input being handled.
     worked: Vec<DocId>,
+    /// A local request also ran during the input (one deferred until its document loaded),
+    /// so the input's time is not the merges' and loads' alone.
+    worked_locally: bool,
     stats: NodeStats,
 }
 
@@ -195,6 +198,7 @@ impl Node {
             now: None,
             stopped_streams: BTreeSet::new(),
             worked: Vec::new(),
+            worked_locally: false,
             stats: NodeStats::default(),
         }
     }
@@ -295,6 +299,7 @@ impl Node {
     pub fn handle_input(&mut self, now: Instant, input: Input) {
         self.now = Some(now);
         self.worked.clear();
+        self.worked_locally = false;
         self.evict_over_budget();
         self.next_anti_entropy.get_or_insert(now + self.config.anti_entropy_interval());
         match input {
@@ -311,8 +316,13 @@ impl Node {
 
     /// The documents whose Automerge work (a merge of a peer's changes, a load from the
     /// store) ran during the last input, for the driver to time: the core reads no clock.
+    /// Empty when a local request ran in it too: local writes are not timed.
     pub fn documents_worked(&self) -> &[DocId] {
-        &self.worked
+        if self.worked_locally {
+            &[]
+        } else {
+            &self.worked
+        }
     }
 
     /// The longest a merge or load of one document may take (`max_merge_ms`), if limited.

@@ -404,6 +404,12 @@ impl Node {
                     Ok(parsed) => parsed,
                     Err(error) => return Some(Err(RequestError::BadBytes(error.to_string()))),
                 };
+                if parsed.as_ref().is_ok_and(|scratch| !scratch.get_missing_deps(&[]).is_empty()) {
+                    // A saved document trailed by changes whose history it lacks: refused
+                    // whole, as such changes would wait unseen and never be stored.
+                    let missing = "the changes depend on history this document does not have";
+                    return Some(Err(RequestError::BadBytes(missing.into())));
+                }
                 let merged = match parsed.map(|scratch| document.adopt(scratch)) {
                     // It holds all this document has: it becomes the document, stored as sent.
                     Ok(Ok(_)) => {
