@@ -327,10 +327,12 @@ impl Driver {
         let mut last_status = Instant::now();
         loop {
             let timer = self.node.poll_timeout().map(tokio::time::Instant::from_std);
+            let (mut commands_taken, mut requests_taken) = (0, 0);
             tokio::select! {
                 biased;
                 command = commands.recv() => {
                     let Some(command) = command else { break };
+                    commands_taken = 1;
                     if !self.handle(command) {
                         break;
                     }
@@ -339,13 +341,15 @@ impl Driver {
                     self.node.handle_timeout(Instant::now());
                 }
                 request = requests.recv(), if requests_open => match request {
-                    Some(request) => self.handle_request(request),
+                    Some(request) => {
+                        requests_taken = 1;
+                        self.handle_request(request);
+                    }
                     None => requests_open = false,
                 },
             }
             // A request is taken only once no command waits (within the turn's budget), so
             // whatever was sent before a request, such as a holding rule, is handled first.
-            let (mut commands_taken, mut requests_taken) = (0, 0);
             let mut stopping = false;
             loop {
                 if commands_taken < MAX_COMMANDS_PER_TURN {
@@ -549,6 +553,81 @@ mod tests {
         assert_eq!(overran(slow, limit, &[a, b]), Overrun::Several(2));
         assert_eq!(overran(slow, limit, &[]), Overrun::No);
         assert_eq!(overran(slow, None, &[a]), Overrun::No, "no limit");
+    }
+
+    #[tokio::test]
+    async fn a_due_timer_runs_before_a_backlog_of_peer_frames_is_through() {
+        const PINGS: usize = 4_000;
+        let config =
+            SyncConfig { heartbeat_interval_ms: 0, hello_timeout_ms: 10, ..SyncConfig::hub() };
+        let node = Node::new(
+            NodeId::from_bytes([1; 16]),
+            Role::Hub,
+            automerge::ActorId::from(vec![1u8; 16]),
+            uhlc::HLC::default(),
+            config,
+        );
+        let (store, mut store_tasks) = mpsc::channel(1);
+        let (handle, _replies, _task) = spawn_node(node, store);
+        // Both connections write into one queue, so it shows the order the loop acted in.
+        let (writer, mut written) = mpsc::channel(2 * PINGS + 64);
+        let busy_peer = NodeId::from_bytes([2; 16]);
+        let busy = handle.attach(busy_peer, writer.clone()).await.unwrap();
+        let hello =
+            Message::Hello { node_id: busy_peer, role: Role::Agent, scope: CollectionScope::all() };
+        handle.received(busy, frame(hello)).await.unwrap();
+        // A connection that never says hello: only the node's timer closes it.
+        handle.attach(NodeId::from_bytes([3; 16]), writer).await.unwrap();
+        // Two writes stall the loop on its store queue of one, as in the test below.
+        for i in 0..2u8 {
+            let ops = serde_json::from_value(serde_json::json!([
+                {"op": "set", "path": ["n"], "value": i}
+            ]))
+            .unwrap();
+            let doc_id = DocId::from_slice(&[i + 1; 16]).unwrap();
+            let request = Request::Create { doc_id, collection: "c".parse().unwrap(), ops };
+            drop(handle.submit(request).await.unwrap());
+        }
+        while store_tasks.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let ping = frame(Message::Ping);
+        for _ in 0..PINGS {
+            handle.received(busy, ping.clone()).await.unwrap();
+        }
+        // The silent connection's hello deadline passes while the loop is stalled.
+        std::thread::sleep(Duration::from_millis(30));
+        let mut decoder = FrameDecoder::new(SyncConfig::MAX_FRAME_BYTES);
+        let mut pongs_before_close = 0;
+        'close: loop {
+            tokio::select! {
+                _ = store_tasks.recv() => {}
+                message = written.recv() => match message {
+                    Some(WriterMessage::Close(reason)) => {
+                        assert!(reason.contains("hello"), "{reason}");
+                        break 'close;
+                    }
+                    Some(WriterMessage::Frame(bytes)) => {
+                        decoder.push(&bytes);
+                        while let Some(payload) = decoder.next_frame().unwrap() {
+                            if Envelope::decode(&payload).unwrap().message == Message::Pong {
+                                pongs_before_close += 1;
+                            }
+                        }
+                    }
+                    None => panic!("the node loop stopped"),
+                },
+            }
+        }
+        // At most one turn of commands before the timer ran (a loop that ran timers only when
+        // idle would have answered every ping first).
+        assert!(
+            pongs_before_close <= MAX_COMMANDS_PER_TURN,
+            "{pongs_before_close} of {PINGS} pings answered before the due timer ran"
+        );
     }
 
     #[tokio::test]
