@@ -543,6 +543,62 @@ mod tests {
         encode_frame(&envelope.encode(), SyncConfig::MIN_FRAME_BYTES).unwrap()
     }
 
+    /// A hub node behind a driver whose store queue holds one task, read by the test: once
+    /// two writes are handled, the loop stalls on sending the second one's task.
+    fn hub_with_store_queue_of_one(
+        config: SyncConfig,
+    ) -> (NodeHandle, mpsc::Receiver<(u64, StoreTask)>) {
+        let node = Node::new(
+            NodeId::from_bytes([1; 16]),
+            Role::Hub,
+            automerge::ActorId::from(vec![1u8; 16]),
+            uhlc::HLC::default(),
+            SyncConfig { heartbeat_interval_ms: 0, ..config },
+        );
+        let (store, store_tasks) = mpsc::channel(1);
+        let (handle, _replies, _task) = spawn_node(node, store);
+        (handle, store_tasks)
+    }
+
+    /// Creates document `n` with one field.
+    fn create(n: u64) -> Request {
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&(n + 1).to_be_bytes());
+        let ops = serde_json::from_value(serde_json::json!([
+            {"op": "set", "path": ["n"], "value": n}
+        ]))
+        .unwrap();
+        Request::Create {
+            doc_id: DocId::from_slice(&id).unwrap(),
+            collection: "c".parse().unwrap(),
+            ops,
+        }
+    }
+
+    /// Waits until the loop has sent its first store task and reached the send that blocks.
+    async fn until_stalled(store_tasks: &mpsc::Receiver<(u64, StoreTask)>) {
+        while store_tasks.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Attaches an agent peer that has said hello.
+    async fn ready_peer(
+        handle: &NodeHandle,
+        id: u8,
+        writer: mpsc::Sender<WriterMessage>,
+    ) -> ConnId {
+        let peer = NodeId::from_bytes([id; 16]);
+        let conn = handle.attach(peer, writer).await.unwrap();
+        let hello =
+            Message::Hello { node_id: peer, role: Role::Agent, scope: CollectionScope::all() };
+        handle.received(conn, frame(hello)).await.unwrap();
+        conn
+    }
+
     #[test]
     fn only_an_overrun_on_one_document_names_it() {
         let (a, b) = (DocId::from_slice(&[1; 16]).unwrap(), DocId::from_slice(&[2; 16]).unwrap());
@@ -558,42 +614,17 @@ mod tests {
     #[tokio::test]
     async fn a_due_timer_runs_before_a_backlog_of_peer_frames_is_through() {
         const PINGS: usize = 4_000;
-        let config =
-            SyncConfig { heartbeat_interval_ms: 0, hello_timeout_ms: 10, ..SyncConfig::hub() };
-        let node = Node::new(
-            NodeId::from_bytes([1; 16]),
-            Role::Hub,
-            automerge::ActorId::from(vec![1u8; 16]),
-            uhlc::HLC::default(),
-            config,
-        );
-        let (store, mut store_tasks) = mpsc::channel(1);
-        let (handle, _replies, _task) = spawn_node(node, store);
+        let config = SyncConfig { hello_timeout_ms: 10, ..SyncConfig::hub() };
+        let (handle, mut store_tasks) = hub_with_store_queue_of_one(config);
         // Both connections write into one queue, so it shows the order the loop acted in.
         let (writer, mut written) = mpsc::channel(2 * PINGS + 64);
-        let busy_peer = NodeId::from_bytes([2; 16]);
-        let busy = handle.attach(busy_peer, writer.clone()).await.unwrap();
-        let hello =
-            Message::Hello { node_id: busy_peer, role: Role::Agent, scope: CollectionScope::all() };
-        handle.received(busy, frame(hello)).await.unwrap();
+        let busy = ready_peer(&handle, 2, writer.clone()).await;
         // A connection that never says hello: only the node's timer closes it.
         handle.attach(NodeId::from_bytes([3; 16]), writer).await.unwrap();
-        // Two writes stall the loop on its store queue of one, as in the test below.
-        for i in 0..2u8 {
-            let ops = serde_json::from_value(serde_json::json!([
-                {"op": "set", "path": ["n"], "value": i}
-            ]))
-            .unwrap();
-            let doc_id = DocId::from_slice(&[i + 1; 16]).unwrap();
-            let request = Request::Create { doc_id, collection: "c".parse().unwrap(), ops };
-            drop(handle.submit(request).await.unwrap());
+        for n in 0..2 {
+            drop(handle.submit(create(n)).await.unwrap());
         }
-        while store_tasks.is_empty() {
-            tokio::task::yield_now().await;
-        }
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
+        until_stalled(&store_tasks).await;
         let ping = frame(Message::Ping);
         for _ in 0..PINGS {
             handle.received(busy, ping.clone()).await.unwrap();
@@ -633,46 +664,16 @@ mod tests {
     #[tokio::test]
     async fn a_peer_ping_is_answered_ahead_of_a_backlog_of_local_writes() {
         const WRITES: usize = 1_000;
-        let config = SyncConfig { heartbeat_interval_ms: 0, ..SyncConfig::hub() };
-        let node = Node::new(
-            NodeId::from_bytes([1; 16]),
-            Role::Hub,
-            automerge::ActorId::from(vec![1u8; 16]),
-            uhlc::HLC::default(),
-            config,
-        );
-        // A store queue of one task that nobody reads yet: two writes stall the loop on
-        // sending its second task, so the writes below and the ping all wait in their queues.
-        let (store, mut store_tasks) = mpsc::channel(1);
-        let (handle, _replies, _task) = spawn_node(node, store);
+        let (handle, mut store_tasks) = hub_with_store_queue_of_one(SyncConfig::hub());
         let (writer, mut frames) = mpsc::channel(4 * WRITES);
-        let peer = NodeId::from_bytes([2; 16]);
-        let conn = handle.attach(peer, writer).await.unwrap();
-        let hello =
-            Message::Hello { node_id: peer, role: Role::Agent, scope: CollectionScope::all() };
-        handle.received(conn, frame(hello)).await.unwrap();
+        let conn = ready_peer(&handle, 2, writer).await;
+        // Two writes stall the loop, so the writes after them and the ping all wait in their
+        // queues.
         let mut answers = Vec::new();
-        for i in 0..WRITES + 2 {
-            let mut id = [0u8; 16];
-            id[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
-            let ops = serde_json::from_value(serde_json::json!([
-                {"op": "set", "path": ["n"], "value": i}
-            ]))
-            .unwrap();
-            let request = Request::Create {
-                doc_id: DocId::from_slice(&id).unwrap(),
-                collection: "c".parse().unwrap(),
-                ops,
-            };
-            answers.push(handle.submit(request).await.unwrap());
-            if i == 1 {
-                while store_tasks.is_empty() {
-                    tokio::task::yield_now().await;
-                }
-                // Let the loop reach the send that blocks.
-                for _ in 0..10 {
-                    tokio::task::yield_now().await;
-                }
+        for n in 0..WRITES as u64 + 2 {
+            answers.push(handle.submit(create(n)).await.unwrap());
+            if n == 1 {
+                until_stalled(&store_tasks).await;
             }
         }
         handle.received(conn, frame(Message::Ping)).await.unwrap();
