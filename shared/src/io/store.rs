@@ -321,12 +321,13 @@ fn append(conn: &Connection, task: &StoreTask) -> Result<(), StoreError> {
     let heads: Vec<u8> = heads.iter().flatten().copied().collect();
     // HLC values use the full u64 range; SQLite integers are signed.
     let hlc = *hlc as i64;
-    conn.execute(
+    // Cached statements: parsing SQL anew for every append cost more than executing it.
+    conn.prepare_cached(
         "INSERT INTO documents (doc_id, collection, heads, hlc, deleted) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT(doc_id) DO UPDATE
          SET heads = excluded.heads, hlc = excluded.hlc, deleted = excluded.deleted",
-        params![doc_id.as_bytes(), collection.as_str(), heads, hlc, deleted],
-    )?;
+    )?
+    .execute(params![doc_id.as_bytes(), collection.as_str(), heads, hlc, deleted])?;
     if let Some(snapshot) = snapshot {
         replace_snapshot(conn, *doc_id, snapshot)?;
     }
@@ -351,22 +352,20 @@ fn append(conn: &Connection, task: &StoreTask) -> Result<(), StoreError> {
 
 /// Stores `snapshot` as the document's and drops every change stored before it.
 fn replace_snapshot(conn: &Connection, doc_id: DocId, snapshot: &[u8]) -> Result<(), StoreError> {
-    conn.execute(
-        "UPDATE documents SET snapshot = ?2 WHERE doc_id = ?1",
-        params![doc_id.as_bytes(), snapshot],
-    )?;
-    conn.execute("DELETE FROM changes WHERE doc_id = ?1", params![doc_id.as_bytes()])?;
+    conn.prepare_cached("UPDATE documents SET snapshot = ?2 WHERE doc_id = ?1")?
+        .execute(params![doc_id.as_bytes(), snapshot])?;
+    conn.prepare_cached("DELETE FROM changes WHERE doc_id = ?1")?
+        .execute(params![doc_id.as_bytes()])?;
     Ok(())
 }
 
 /// Reads one document; also used inside a batch's transaction, so a load sees earlier writes.
 fn load_doc(conn: &Connection, doc_id: DocId) -> Result<Option<StoredDoc>, StoreError> {
     let row = conn
-        .query_row(
-            "SELECT collection, snapshot FROM documents WHERE doc_id = ?1",
-            params![doc_id.as_bytes()],
-            |row| Ok((row.get::<_, String>(0)?, row.get::<_, Option<Vec<u8>>>(1)?)),
-        )
+        .prepare_cached("SELECT collection, snapshot FROM documents WHERE doc_id = ?1")?
+        .query_row(params![doc_id.as_bytes()], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, Option<Vec<u8>>>(1)?))
+        })
         .optional()?;
     let Some((collection, snapshot)) = row else {
         return Ok(None);
