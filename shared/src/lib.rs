@@ -26,6 +26,7 @@ pub mod message;
 pub mod node;
 pub mod ops;
 pub mod peer;
+pub mod peer_sync;
 pub mod placement;
 pub mod reconcile;
 pub mod replication;

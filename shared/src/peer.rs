@@ -4,11 +4,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-use automerge::sync;
-
 use crate::frame::FrameDecoder;
 use crate::ids::{Collection, DocId, NodeId};
 use crate::message::Role;
+use crate::peer_sync::SyncStates;
 use crate::reconcile::SuspendedSession;
 use crate::scope::CollectionScope;
 
@@ -31,7 +30,7 @@ pub struct Peer {
     /// Reassembles frames from the byte stream.
     pub decoder: FrameDecoder,
     /// Automerge sync state per document, for this peer only.
-    pub sync_states: BTreeMap<DocId, sync::State>,
+    pub sync_states: SyncStates,
     /// When the connection is closed if the peer has still not said hello.
     pub hello_deadline: Option<Instant>,
     /// Documents for which a message carrying changes is unanswered. No further message for
@@ -61,7 +60,7 @@ impl Peer {
             node_id,
             phase: PeerPhase::AwaitingHello,
             decoder: FrameDecoder::new(max_frame_bytes),
-            sync_states: BTreeMap::new(),
+            sync_states: SyncStates::default(),
             hello_deadline: None,
             awaiting_reply: BTreeSet::new(),
             reconcile_sessions: BTreeMap::new(),
@@ -93,6 +92,6 @@ impl Peer {
         if self.replicates_everything() {
             return self.scope.contains(collection);
         }
-        self.is_ready() && self.sync_states.contains_key(doc_id)
+        self.is_ready() && self.sync_states.contains(doc_id)
     }
 }

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use automerge::ActorId;
+use automerge::{sync, ActorId};
 use cairn_shared::config::SyncConfig;
 use cairn_shared::document::Document;
 use cairn_shared::frame::{encode_frame, FrameDecoder};
@@ -748,6 +748,50 @@ fn a_reconnect_resumes_sync_from_the_state_saved_when_the_peer_left() {
         resumed_bytes * 2 < fresh_bytes,
         "resumed sync took {resumed_bytes} bytes, a fresh one {fresh_bytes}"
     );
+}
+
+#[test]
+fn once_both_sides_hold_the_same_heads_only_settled_sync_states_stay_in_memory() {
+    let edits: Vec<String> = (0..50).map(|n| format!("v{n}")).collect();
+    let edits: Vec<&str> = edits.iter().map(String::as_str).collect();
+    let (older, newer) = (stored_doc(1, &edits[..10]), stored_doc(1, &edits));
+    let (hub_only, agent_only) = (stored_doc(2, &["h"]), stored_doc(3, &["a"]));
+    let mut pair = Pair::new([vec![newer, hub_only], vec![older.clone(), agent_only]]);
+    pair.connect();
+    assert_eq!(pair.heads(0), pair.heads(1));
+    for side in 0..2 {
+        assert_eq!(pair.nodes[side].sync_states(), (0, 3), "side {side}: every state settled");
+    }
+
+    // A later write (after the sync batch window) goes out with the first message, as it
+    // would from the live state.
+    let now = Instant::now() + Duration::from_secs(1);
+    let doc_id = older.doc_id;
+    let ops = serde_json::from_value(json!([{"op": "set", "path": ["k"], "value": "w"}])).unwrap();
+    pair.nodes[0]
+        .handle_input(now, Input::Request { id: 7, request: Request::Edit { doc_id, ops } });
+    let before = pair.sent.len();
+    pair.run(now);
+    let from_hub: Vec<sync::Message> = pair.sent[before..]
+        .iter()
+        .filter_map(|(side, message, _)| match message {
+            Message::DocSync { sync_message, .. } if *side == 0 => {
+                Some(sync::Message::decode(sync_message).unwrap())
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(!from_hub.is_empty() && from_hub[0].changes.len() == 1, "{from_hub:?}");
+    assert_eq!(from_hub.iter().map(|m| m.changes.len()).sum::<usize>(), 1);
+    assert_eq!(pair.heads(0), pair.heads(1));
+    for side in 0..2 {
+        assert_eq!(pair.nodes[side].sync_states(), (0, 3), "side {side}: settled again");
+    }
+
+    // What is saved when the peer leaves is the shared heads, as from a live state.
+    pair.disconnect();
+    let saved = sync::State::decode(&pair.saved_states[0][&doc_id][&pair.nodes[1].node_id()]);
+    assert_eq!(saved.unwrap().shared_heads, pair.heads(0)[&doc_id]);
 }
 
 #[test]

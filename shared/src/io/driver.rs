@@ -70,6 +70,8 @@ pub struct NodeStatus {
     pub quarantined: usize,
     /// Peers with a completed handshake.
     pub ready_peers: usize,
+    /// Per-peer document sync states in memory: live, and settled to their heads.
+    pub sync_states: (usize, usize),
     /// Commands waiting in the node's queue.
     pub queued_commands: usize,
     /// Connections the hub's admission control turned away, told to come back later.
@@ -492,6 +494,7 @@ impl Driver {
             cached_bytes: self.node.cache_usage().1,
             quarantined: self.node.quarantined().count(),
             ready_peers: self.node.ready_peers(),
+            sync_states: self.node.sync_states(),
             queued_commands,
             // Filled in by `NodeHandle::status` from the acceptor's count.
             admission_refusals: 0,

@@ -290,6 +290,14 @@ impl Node {
         self.quarantined.iter().map(|(id, reason)| (id, reason.as_str()))
     }
 
+    /// Per-peer document sync states held in memory: live (a sync under way) and settled
+    /// (kept as the heads both sides hold).
+    pub fn sync_states(&self) -> (usize, usize) {
+        self.peers.values().fold((0, 0), |(live, settled), peer| {
+            (live + peer.sync_states.live_count(), settled + peer.sync_states.settled_count())
+        })
+    }
+
     /// Connections whose handshake completed.
     pub fn ready_peers(&self) -> usize {
         self.peers.values().filter(|p| p.is_ready()).count()

@@ -65,9 +65,9 @@ impl Node {
             }
             return self.save_sync_states(peer);
         }
-        for doc_id in peer.sync_states.keys() {
+        for doc_id in peer.sync_states.doc_ids() {
             let orphan = self.documents.get(doc_id).is_some_and(|d| d.is_placeholder)
-                && !self.peers.values().any(|p| p.sync_states.contains_key(doc_id));
+                && !self.peers.values().any(|p| p.sync_states.contains(doc_id));
             if orphan {
                 self.cache_remove(*doc_id);
             }
@@ -79,11 +79,7 @@ impl Node {
     /// each document's sync from there rather than from an empty state.
     fn save_sync_states(&mut self, peer: Peer) {
         let mut states = Vec::new();
-        for (doc_id, state) in peer.sync_states {
-            if state.shared_heads.is_empty() {
-                continue;
-            }
-            let encoded = state.encode();
+        for (doc_id, encoded) in peer.sync_states.into_encoded() {
             if let Some(document) = self.documents.get_mut(&doc_id) {
                 document.saved_sync_states.insert(peer.node_id, encoded.clone());
             }
@@ -247,8 +243,16 @@ impl Node {
             Residence::Cold => return self.defer(doc_id, Deferred::Offer { conn }),
             Residence::Absent | Residence::Quarantined(_) => return,
         }
-        let Some(node_id) = self.peers.get(&conn).map(|p| p.node_id) else { return };
-        let state = self.resumed_sync_state(node_id, doc_id);
+        let Some(peer) = self.peers.get(&conn) else { return };
+        let (node_id, shared) = (peer.node_id, peer.sync_states.shared_heads(&doc_id));
+        let shared = shared.map(<[ChangeHash]>::to_vec);
+        // Offered because reconciliation found the two sides differ, so what this side last
+        // heard from the peer is not trusted: the sync starts over from the heads the two
+        // were known to share, as after a reconnect.
+        let mut state = self.resumed_sync_state(node_id, doc_id);
+        if state.shared_heads.is_empty() {
+            state.shared_heads = shared.unwrap_or_default();
+        }
         if let Some(peer) = self.peers.get_mut(&conn) {
             peer.sync_states.insert(doc_id, state);
             peer.awaiting_reply.remove(&doc_id);
@@ -315,7 +319,7 @@ impl Node {
             );
         }
         let origin = peer.node_id;
-        if !peer.sync_states.contains_key(&doc_id) {
+        if !peer.sync_states.contains(&doc_id) {
             let state = self.resumed_sync_state(origin, doc_id);
             let Some(peer) = self.peers.get_mut(&conn) else { return };
             peer.sync_states.insert(doc_id, state);
@@ -330,7 +334,7 @@ impl Node {
         };
         peer.awaiting_reply.remove(&doc_id);
         let carried_changes = !message.changes.is_empty();
-        let state = peer.sync_states.entry(doc_id).or_default();
+        let state = peer.sync_states.live(doc_id);
         let before = document.doc.get_heads();
         let history_before = document.history_len();
         // Parsed here only to store what the apply adds as it arrived (see `offered`). A
@@ -407,7 +411,7 @@ impl Node {
         if changed {
             self.persist_added(doc_id, &before, origin, None, added, None);
         } else {
-            let state = self.peers.get_mut(&conn).and_then(|p| p.sync_states.get_mut(&doc_id));
+            let state = self.peers.get_mut(&conn).and_then(|p| p.sync_states.live_if_any(doc_id));
             if let Some(state) = state.filter(|_| carried_changes) {
                 // The sender waits for an answer to every message that carries changes, even
                 // when they were all known here.
@@ -478,7 +482,7 @@ impl Node {
             .collect();
         for conn in conns {
             if let Some(state) =
-                self.peers.get_mut(&conn).and_then(|p| p.sync_states.get_mut(&doc_id))
+                self.peers.get_mut(&conn).and_then(|p| p.sync_states.live_if_any(doc_id))
             {
                 if state.last_sent_heads == heads {
                     state.last_sent_heads.clear();
@@ -505,13 +509,15 @@ impl Node {
             return; // The peer's answer brings us back here, with everything made meanwhile.
         }
         let paced = self.now.filter(|_| peer.replicates_everything());
-        let state = peer.sync_states.entry(doc_id).or_default();
+        let heads = document.doc.get_heads();
+        let state = peer.sync_states.live(doc_id);
         if let Some(now) = paced {
-            if self.pacing.holds(conn, doc_id, state, &document.doc.get_heads(), now) {
+            if self.pacing.holds(conn, doc_id, state, &heads, now) {
                 return; // `handle_timeout` sends it, with everything made meanwhile.
             }
         }
         let Some(message) = document.doc.generate_sync_message(state) else {
+            peer.sync_states.settle(&doc_id, &heads);
             return;
         };
         if !message.changes.is_empty() && peer.replicates_everything() {
@@ -519,6 +525,8 @@ impl Node {
             if let Some(now) = self.now {
                 self.pacing.sent_changes(conn, doc_id, now);
             }
+        } else {
+            peer.sync_states.settle(&doc_id, &heads);
         }
         let part = DocSyncPart {
             doc_id,

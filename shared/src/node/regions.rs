@@ -76,7 +76,7 @@ impl Node {
             if regions.contains(region) {
                 continue;
             }
-            let theirs = peer.sync_states.get(&doc_id).and_then(|s| s.their_heads.as_deref());
+            let theirs = peer.sync_states.their_heads(&doc_id);
             if theirs.is_some_and(|theirs| heads_cover(doc, theirs, heads)) {
                 regions.insert(region.clone());
             }
