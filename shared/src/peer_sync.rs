@@ -1,14 +1,16 @@
-//! A peer's Automerge sync state per document, shrunk to the heads both sides hold once they
-//! agree.
+//! A peer's Automerge sync state per document, kept as a few heads while nothing is under way.
 //!
 //! Automerge's `sync::State` keeps what the last messages said: heads, needs, bloom filters,
 //! the hashes sent. That is hundreds of bytes per document and peer, and a node keeps one for
-//! every document either side changed while the connection lasts, so on a hub with many
-//! peers these states, not the documents, are what grows. Once both sides are known to hold
-//! exactly the same heads and nothing is outstanding, the state is replaced by those heads.
-//! The next message for the document starts from a state rebuilt from them, which tells
-//! Automerge what the settled one did: the peer holds these heads and nothing more, so new
-//! changes go in the first message, with no round trip to learn what the peer has.
+//! every document it offered a peer or synced with it while the connection lasts, so on a
+//! hub with many peers these states, not the documents, are what grows. Two resting states
+//! are kept as heads alone:
+//! - settled: both sides are known to hold exactly the same heads and nothing is
+//!   outstanding. The state rebuilt from them tells Automerge what the settled one did: the
+//!   peer holds these heads and nothing more, so a later change goes in the first message,
+//!   with no round trip to learn what the peer has;
+//! - offered: we sent our heads and have heard nothing back. Such a state holds nothing else
+//!   and is rebuilt exactly.
 
 use std::collections::BTreeMap;
 
@@ -30,6 +32,8 @@ enum Entry {
     Live(Box<sync::State>),
     /// Both sides held exactly these heads when the last message was exchanged.
     Settled(Settled),
+    /// We sent the peer these heads, with no changes, and have heard nothing back.
+    Offered(Box<[ChangeHash]>),
 }
 
 #[derive(Debug)]
@@ -40,7 +44,7 @@ struct Settled {
 }
 
 impl SyncStates {
-    /// True if there is a state, live or settled, for `doc_id`.
+    /// True if there is a state, live or kept as heads, for `doc_id`.
     pub fn contains(&self, doc_id: &DocId) -> bool {
         self.entries.contains_key(doc_id)
     }
@@ -67,24 +71,29 @@ impl SyncStates {
         }
     }
 
-    /// The live state of `doc_id`: rebuilt from settled heads, or begun empty if there was
-    /// none.
+    /// The live state of `doc_id`: rebuilt from the heads it was kept as, or begun empty if
+    /// there was none.
     pub fn live(&mut self, doc_id: DocId) -> &mut sync::State {
         let entry = self.entries.entry(doc_id).or_insert_with(|| {
             self.live += 1;
             Entry::Live(Box::default())
         });
-        if let Entry::Settled(settled) = entry {
-            *entry = Entry::Live(Box::new(settled.rebuilt()));
+        let rebuilt = match entry {
+            Entry::Live(_) => None,
+            Entry::Settled(settled) => Some(settled.rebuilt()),
+            Entry::Offered(heads) => Some(rebuilt_offer(heads)),
+        };
+        if let Some(state) = rebuilt {
+            *entry = Entry::Live(Box::new(state));
             self.live += 1;
         }
         match entry {
             Entry::Live(state) => state,
-            Entry::Settled(_) => unreachable!("made live above"),
+            Entry::Settled(_) | Entry::Offered(_) => unreachable!("made live above"),
         }
     }
 
-    /// The live state of `doc_id` if it has one, rebuilt if it was settled.
+    /// The live state of `doc_id` if it has any state.
     pub fn live_if_any(&mut self, doc_id: DocId) -> Option<&mut sync::State> {
         if self.contains(&doc_id) {
             Some(self.live(doc_id))
@@ -98,6 +107,7 @@ impl SyncStates {
         match self.entries.get(doc_id)? {
             Entry::Live(state) => state.their_heads.as_deref(),
             Entry::Settled(settled) => Some(&settled.heads),
+            Entry::Offered(_) => None,
         }
     }
 
@@ -106,17 +116,22 @@ impl SyncStates {
         match self.entries.get(doc_id)? {
             Entry::Live(state) => Some(&state.shared_heads),
             Entry::Settled(settled) => Some(&settled.heads),
+            Entry::Offered(_) => Some(&[]),
         }
     }
 
-    /// Shrinks the state of `doc_id` to its heads if both sides hold exactly `ours` and
-    /// nothing is outstanding: the peer said it holds them, we said we do, and it needs
-    /// nothing. Returns true if it is settled now.
-    pub fn settle(&mut self, doc_id: &DocId, ours: &[ChangeHash]) -> bool {
+    /// Keeps the state of `doc_id` as heads alone if it is at rest: settled at `ours` (the
+    /// peer said it holds them, we said we do, and it needs nothing), or an offer of `ours`
+    /// the peer has not answered. Returns true if it is kept as heads now.
+    pub fn compact(&mut self, doc_id: &DocId, ours: &[ChangeHash]) -> bool {
         let Some(entry) = self.entries.get_mut(doc_id) else { return false };
         let Entry::Live(state) = entry else { return true };
-        let Some(settled) = Settled::of(state, ours) else { return false };
-        *entry = Entry::Settled(settled);
+        let compact = match Settled::of(state, ours) {
+            Some(settled) => Entry::Settled(settled),
+            None if is_bare_offer(state) => Entry::Offered(state.last_sent_heads.as_slice().into()),
+            None => return false,
+        };
+        *entry = compact;
         self.live -= 1;
         true
     }
@@ -126,8 +141,8 @@ impl SyncStates {
         self.live
     }
 
-    /// How many states are settled.
-    pub fn settled_count(&self) -> usize {
+    /// How many states are kept as heads.
+    pub fn compact_count(&self) -> usize {
         self.entries.len() - self.live
     }
 
@@ -142,6 +157,7 @@ impl SyncStates {
                     state.shared_heads = settled.heads.into_vec();
                     state
                 }
+                Entry::Offered(_) => return None,
             };
             (!state.shared_heads.is_empty()).then(|| (doc_id, state.encode()))
         })
@@ -184,6 +200,29 @@ impl Settled {
         });
         state
     }
+}
+
+/// True for the state an empty one becomes once it has sent our heads without changes
+/// and heard nothing: it holds nothing but those heads and two flags.
+fn is_bare_offer(state: &sync::State) -> bool {
+    state.have_responded
+        && state.in_flight
+        && !state.last_sent_heads.is_empty()
+        && state.shared_heads.is_empty()
+        && state.their_heads.is_none()
+        && state.their_need.is_none()
+        && state.their_have.is_none()
+        && state.sent_hashes.is_empty()
+        && state.their_capabilities.is_none()
+        && !(state.read_only || state.peer_read_only || state.needs_reset)
+}
+
+fn rebuilt_offer(heads: &[ChangeHash]) -> sync::State {
+    let mut state = sync::State::new();
+    state.last_sent_heads = heads.to_vec();
+    state.have_responded = true;
+    state.in_flight = true;
+    state
 }
 
 const ALL_CAPABILITIES: [Capability; 3] =
@@ -254,12 +293,17 @@ mod tests {
         let mut b = Automerge::new();
         let (mut states, mut b_state) = (SyncStates::default(), sync::State::new());
         let first = a.generate_sync_message(states.live(doc_id)).unwrap();
-        assert!(!states.settle(&doc_id, &a.get_heads()), "the peer has said nothing yet");
+        assert!(states.compact(&doc_id, &a.get_heads()), "an unanswered offer");
+        assert_eq!(states.their_heads(&doc_id), None, "the peer has said nothing yet");
         b.receive_sync_message(&mut b_state, first).unwrap();
+        let answer = b.generate_sync_message(&mut b_state).unwrap();
+        a.receive_sync_message(states.live(doc_id), answer).unwrap();
+        assert!(!states.compact(&doc_id, &a.get_heads()), "the peer lacks our heads");
+        assert_eq!((states.live_count(), states.compact_count()), (1, 0));
         sync_until_quiet(&mut a, &mut states, doc_id, &mut b, &mut b_state);
         assert_eq!(a.get_heads(), b.get_heads());
-        assert!(states.settle(&doc_id, &a.get_heads()));
-        assert_eq!((states.live_count(), states.settled_count()), (0, 1));
+        assert!(states.compact(&doc_id, &a.get_heads()));
+        assert_eq!((states.live_count(), states.compact_count()), (0, 1));
         assert_eq!(states.their_heads(&doc_id), Some(a.get_heads().as_slice()));
     }
 
@@ -270,10 +314,10 @@ mod tests {
         let mut b = Automerge::new();
         let (mut states, mut b_state) = (SyncStates::default(), sync::State::new());
         sync_until_quiet(&mut a, &mut states, doc_id, &mut b, &mut b_state);
-        assert!(states.settle(&doc_id, &a.get_heads()));
+        assert!(states.compact(&doc_id, &a.get_heads()));
         // Nothing new: the rebuilt state has nothing to say, as the settled one had not.
         assert!(a.generate_sync_message(states.live(doc_id)).is_none());
-        assert!(states.settle(&doc_id, &a.get_heads()));
+        assert!(states.compact(&doc_id, &a.get_heads()));
 
         let mut tx = a.transaction();
         tx.put(ROOT, "later", 2).unwrap();
@@ -284,7 +328,23 @@ mod tests {
         assert_eq!(b.get_heads(), a.get_heads());
         assert_eq!(b.get(ROOT, "later").unwrap().and_then(|(v, _)| v.as_i64()), Some(2));
         sync_until_quiet(&mut a, &mut states, doc_id, &mut b, &mut b_state);
-        assert!(states.settle(&doc_id, &a.get_heads()));
+        assert!(states.compact(&doc_id, &a.get_heads()));
+    }
+
+    #[test]
+    fn an_unanswered_offer_is_kept_as_its_heads_and_rebuilt_exactly() {
+        let doc_id = doc_id(5);
+        let a = doc_with("a");
+        let mut states = SyncStates::default();
+        let offer = a.generate_sync_message(states.live(doc_id)).unwrap();
+        assert!(offer.changes.is_empty(), "a first message carries no changes");
+        let before = states.live(doc_id).clone();
+        assert!(states.compact(&doc_id, &a.get_heads()));
+        assert_eq!((states.live_count(), states.compact_count()), (0, 1));
+        assert_eq!(states.their_heads(&doc_id), None);
+        assert_eq!(*states.live(doc_id), before);
+        // Nothing new to say, as before.
+        assert!(a.generate_sync_message(states.live(doc_id)).is_none());
     }
 
     #[test]
@@ -294,7 +354,7 @@ mod tests {
         let mut b = Automerge::new();
         let (mut states, mut b_state) = (SyncStates::default(), sync::State::new());
         sync_until_quiet(&mut a, &mut states, doc_id, &mut b, &mut b_state);
-        assert!(states.settle(&doc_id, &a.get_heads()));
+        assert!(states.compact(&doc_id, &a.get_heads()));
         states.insert(DocId::from_slice(&[4; 16]).unwrap(), sync::State::new());
         let saved: Vec<_> = states.into_encoded().collect();
         assert_eq!(saved.len(), 1, "a state that shares nothing is not saved");

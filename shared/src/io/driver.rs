@@ -70,7 +70,7 @@ pub struct NodeStatus {
     pub quarantined: usize,
     /// Peers with a completed handshake.
     pub ready_peers: usize,
-    /// Per-peer document sync states in memory: live, and settled to their heads.
+    /// Per-peer document sync states in memory: live, and kept as heads alone.
     pub sync_states: (usize, usize),
     /// Commands waiting in the node's queue.
     pub queued_commands: usize,

@@ -43,7 +43,7 @@ pub struct Metrics {
     lag_to_agents_seconds: Gauge<f64, AtomicU64>,
     ready_peers: Gauge,
     live_sync_states: Gauge,
-    settled_sync_states: Gauge,
+    compact_sync_states: Gauge,
     queued_commands: Gauge,
     commit_latency_seconds: Histogram,
     commit_batch_tasks: Histogram,
@@ -80,7 +80,7 @@ impl Metrics {
             lag_to_agents_seconds: Gauge::default(),
             ready_peers: Gauge::default(),
             live_sync_states: Gauge::default(),
-            settled_sync_states: Gauge::default(),
+            compact_sync_states: Gauge::default(),
             queued_commands: Gauge::default(),
             commit_latency_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             commit_batch_tasks: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
@@ -186,9 +186,9 @@ impl Metrics {
             metrics.live_sync_states.clone(),
         );
         registry.register(
-            "settled_sync_states",
-            "Per-peer document sync states in memory kept as the heads both sides hold",
-            metrics.settled_sync_states.clone(),
+            "compact_sync_states",
+            "Per-peer document sync states in memory kept as heads alone: settled, or offered and unanswered",
+            metrics.compact_sync_states.clone(),
         );
         registry.register(
             "queued_commands",
@@ -253,7 +253,7 @@ impl Metrics {
             (&self.cached_bytes, status.cached_bytes),
             (&self.quarantined_documents, status.quarantined),
             (&self.live_sync_states, status.sync_states.0),
-            (&self.settled_sync_states, status.sync_states.1),
+            (&self.compact_sync_states, status.sync_states.1),
         ] {
             gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
         }

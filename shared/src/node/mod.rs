@@ -290,11 +290,11 @@ impl Node {
         self.quarantined.iter().map(|(id, reason)| (id, reason.as_str()))
     }
 
-    /// Per-peer document sync states held in memory: live (a sync under way) and settled
-    /// (kept as the heads both sides hold).
+    /// Per-peer document sync states held in memory: live (a sync under way), and kept as
+    /// heads alone (settled, or offered and unanswered).
     pub fn sync_states(&self) -> (usize, usize) {
-        self.peers.values().fold((0, 0), |(live, settled), peer| {
-            (live + peer.sync_states.live_count(), settled + peer.sync_states.settled_count())
+        self.peers.values().fold((0, 0), |(live, compact), peer| {
+            (live + peer.sync_states.live_count(), compact + peer.sync_states.compact_count())
         })
     }
 

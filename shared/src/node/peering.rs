@@ -517,7 +517,7 @@ impl Node {
             }
         }
         let Some(message) = document.doc.generate_sync_message(state) else {
-            peer.sync_states.settle(&doc_id, &heads);
+            peer.sync_states.compact(&doc_id, &heads);
             return;
         };
         if !message.changes.is_empty() && peer.replicates_everything() {
@@ -526,7 +526,7 @@ impl Node {
                 self.pacing.sent_changes(conn, doc_id, now);
             }
         } else {
-            peer.sync_states.settle(&doc_id, &heads);
+            peer.sync_states.compact(&doc_id, &heads);
         }
         let part = DocSyncPart {
             doc_id,
