@@ -320,16 +320,10 @@ async fn pump_kept(
         loop {
             let Ok(next) = decoder.next_frame() else { break 'read };
             let Some(payload) = next else { break };
-            let foreign = matches!(
-                Envelope::decode(&payload),
-                Ok(Envelope { message: Message::DocSync { doc_id, .. }, .. })
-                    if !keep.contains(&doc_id)
-            );
-            if !foreign {
-                // The frame was just decoded under the same limit, so it encodes again.
-                let Ok(frame) = encode_frame(&payload, max_frame_bytes) else { break 'read };
-                kept.extend(frame);
-            }
+            let Some(payload) = kept_payload(payload, keep, max_frame_bytes) else { continue };
+            // The kept messages were decoded under the same limit, so they encode again.
+            let Ok(frame) = encode_frame(&payload, max_frame_bytes) else { break 'read };
+            kept.extend(frame);
         }
         if !kept.is_empty() && node.received(conn, kept).await.is_err() {
             break;
@@ -338,6 +332,34 @@ async fn pump_kept(
     let _ = node.disconnected(conn).await;
     writer.abort();
     Ok(())
+}
+
+/// A frame's payload without the sync messages for documents outside `keep`: a single one
+/// is dropped whole, a batch (compressed or not) loses those parts and is dropped if none is
+/// left. Anything else passes as it came.
+fn kept_payload(payload: Vec<u8>, keep: &[DocId; 2], max_frame_bytes: usize) -> Option<Vec<u8>> {
+    let Ok(Envelope { sent_at, message }) = Envelope::decode(&payload) else {
+        return Some(payload);
+    };
+    let message = match message {
+        Message::Compressed { deflated } => match Message::decompress(&deflated, max_frame_bytes) {
+            Ok(inflated) => inflated,
+            Err(_) => return Some(payload),
+        },
+        message => message,
+    };
+    match message {
+        Message::DocSync { doc_id, .. } if !keep.contains(&doc_id) => None,
+        Message::DocSyncBatch { mut parts } => {
+            parts.retain(|part| keep.contains(&part.doc_id));
+            let message = match parts.len() {
+                0 => return None,
+                _ => Message::DocSyncBatch { parts },
+            };
+            Some(Envelope { sent_at, message }.encode())
+        }
+        _ => Some(payload),
+    }
 }
 
 /// Stops agents' dialing and connections, then their nodes and store threads.
