@@ -196,6 +196,11 @@ impl HubAcks {
         }
     }
 
+    /// Documents with a write waiting to be held by a hub (not by regions).
+    pub fn hub_waits(&self) -> impl Iterator<Item = DocId> + '_ {
+        self.waits.iter().filter(|w| w.regions == 0).map(|w| w.doc_id)
+    }
+
     /// Waits for regions, to be told to a newly connected hub: document, heads, regions.
     pub fn region_waits(&self) -> impl Iterator<Item = (DocId, &[ChangeHash], u8)> {
         self.waits.iter().filter(|w| w.regions > 0).map(|w| (w.doc_id, &w.heads[..], w.regions))

@@ -401,6 +401,8 @@ struct Pair {
     stores: [BTreeMap<DocId, StoredDoc>; 2],
     /// Each side's saved sync states, per document and peer.
     saved_states: [BTreeMap<DocId, BTreeMap<NodeId, Vec<u8>>>; 2],
+    /// Answers to requests: by which node, to which request.
+    answers: Vec<(usize, u64, Result<Response, RequestError>)>,
 }
 
 impl Pair {
@@ -429,6 +431,7 @@ impl Pair {
             sent: Vec::new(),
             stores: Default::default(),
             saved_states: Default::default(),
+            answers: Vec::new(),
         }
     }
 
@@ -464,7 +467,13 @@ impl Pair {
                 stores[side].insert(doc.doc_id, doc.clone());
             }
         }
-        Self { nodes, sent: Vec::new(), stores, saved_states: Default::default() }
+        Self {
+            nodes,
+            sent: Vec::new(),
+            stores,
+            saved_states: Default::default(),
+            answers: Vec::new(),
+        }
     }
 
     fn disconnect(&mut self) {
@@ -521,7 +530,7 @@ impl Pair {
                 self.nodes[side].handle_input(now, Input::StoreDone { task, reply });
             }
             Output::Close { reason, .. } => panic!("node {side} closed the link: {reason}"),
-            Output::Respond { .. } => {}
+            Output::Respond { id, result } => self.answers.push((side, id, result)),
         }
     }
 
@@ -792,6 +801,77 @@ fn once_both_sides_hold_the_same_heads_only_settled_sync_states_stay_in_memory()
     pair.disconnect();
     let saved = sync::State::decode(&pair.saved_states[0][&doc_id][&pair.nodes[1].node_id()]);
     assert_eq!(saved.unwrap().shared_heads, pair.heads(0)[&doc_id]);
+}
+
+/// The agent (side 1) writes `value`; the hub commits the write, but none of its messages
+/// after that arrives. Returns the write's heads.
+fn write_and_lose_the_hubs_answer(
+    pair: &mut Pair,
+    now: Instant,
+    doc_id: DocId,
+    value: &str,
+) -> Vec<String> {
+    let ops =
+        serde_json::from_value(json!([{"op": "set", "path": ["k"], "value": value}])).unwrap();
+    pair.nodes[1]
+        .handle_input(now, Input::Request { id: 1, request: Request::Edit { doc_id, ops } });
+    let mut busy = true;
+    while busy {
+        busy = false;
+        for side in 0..2 {
+            while let Some(output) = pair.nodes[side].poll_output() {
+                busy = true;
+                let committed = pair.catalog_heads(0) == pair.catalog_heads(1);
+                if side == 1 || !committed || !matches!(output, Output::Transmit { .. }) {
+                    pair.carry(now, side, output);
+                }
+            }
+        }
+    }
+    assert_eq!(pair.catalog_heads(0), pair.catalog_heads(1), "the hub committed the write");
+    pair.heads(1)[&doc_id].iter().map(|h| h.to_string()).collect()
+}
+
+#[test]
+fn a_write_the_hub_committed_while_its_answer_was_lost_is_hub_durable_after_a_reconnect() {
+    use cairn_shared::durability::Durability;
+    let doc = stored_doc(1, &["v"]);
+    let doc_id = doc.doc_id;
+    let mut pair = Pair::new([vec![doc.clone()], vec![doc]]);
+    pair.connect();
+    let now = Instant::now() + Duration::from_secs(1);
+    let await_hub = |id, heads: &[String]| Input::Request {
+        id,
+        request: Request::AwaitDurable {
+            doc_id,
+            heads: heads.to_vec(),
+            level: Durability::Hub,
+            deadline: now + Duration::from_secs(60),
+        },
+    };
+    let hub_durable =
+        |pair: &Pair, id| match pair.answers.iter().find(|(s, a, _)| *s == 1 && *a == id) {
+            Some((_, _, Ok(Response::Durability(report)))) => Some(report.hub),
+            None => None,
+            Some(other) => panic!("request {id}: {other:?}"),
+        };
+
+    // A writer that asks once the link is back.
+    let heads = write_and_lose_the_hubs_answer(&mut pair, now, doc_id, "first");
+    pair.disconnect();
+    pair.connect();
+    pair.nodes[1].handle_input(now, await_hub(2, &heads));
+    pair.run(now);
+    assert_eq!(hub_durable(&pair, 2), Some(true));
+
+    // A writer that waits from before the link drops: the hub is asked when it is back.
+    let heads = write_and_lose_the_hubs_answer(&mut pair, now, doc_id, "second");
+    pair.nodes[1].handle_input(now, await_hub(3, &heads));
+    pair.run(now);
+    assert_eq!(hub_durable(&pair, 3), None, "the hub's answer was lost");
+    pair.disconnect();
+    pair.connect();
+    assert_eq!(hub_durable(&pair, 3), Some(true));
 }
 
 #[test]

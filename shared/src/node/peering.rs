@@ -148,6 +148,7 @@ impl Node {
                 }
                 if role == Role::Hub && self.role != Role::Hub {
                     self.rewatch_regions(conn);
+                    self.ask_hub_for_waiting_heads(conn);
                 }
                 self.start_reconciliation(conn);
             }

@@ -234,6 +234,26 @@ impl Node {
         }
     }
 
+    /// Offers `conn`, a hub, a document with a write waiting to be hub-durable, unless the two
+    /// are syncing it already; the hub's answer names the heads it holds. Without this, a
+    /// write the hub committed while its answer was lost would wait in vain: after a
+    /// reconnect, reconciliation finds the document equal on both sides, and no sync message
+    /// follows.
+    pub(super) fn ask_hub_for_heads(&mut self, conn: ConnId, doc_id: DocId) {
+        if self.peers.get(&conn).is_some_and(|p| !p.sync_states.contains(&doc_id)) {
+            self.offer(conn, doc_id);
+        }
+    }
+
+    /// A newly connected hub is asked for its heads of every document with a write waiting
+    /// to be hub-durable.
+    pub(super) fn ask_hub_for_waiting_heads(&mut self, conn: ConnId) {
+        let waiting: BTreeSet<DocId> = self.hub_acks.hub_waits().collect();
+        for doc_id in waiting {
+            self.ask_hub_for_heads(conn, doc_id);
+        }
+    }
+
     /// A newly connected hub hears of every write still waiting for regions.
     pub(super) fn rewatch_regions(&mut self, conn: ConnId) {
         let waits: Vec<Message> = self
