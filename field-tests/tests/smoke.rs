@@ -20,5 +20,11 @@ fn a_write_on_one_agent_reaches_the_other() -> anyhow::Result<()> {
     })?;
     assert_eq!(seen.doc, json!({"title": "hello world"}));
     assert_eq!(seen.collection, "notes");
+    // Once both agents hold the hub's heads, the hub keeps its sync states with them for the
+    // document as heads alone.
+    wait_for("the hub's sync states to come to rest", Duration::from_secs(30), || {
+        let compact = hub.http.metric("cairn_compact_sync_states").ok().flatten()?;
+        (compact >= 2.0).then_some(())
+    })?;
     Ok(())
 }
