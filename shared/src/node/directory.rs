@@ -14,13 +14,7 @@ impl Node {
             return;
         }
         self.hub_directory = hubs;
-        let agents: Vec<ConnId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.phase == PeerPhase::Ready(Role::Agent))
-            .map(|(c, _)| *c)
-            .collect();
-        for conn in agents {
+        for conn in self.ready_conns(Role::Agent) {
             self.advertise_hubs(conn);
         }
     }

@@ -298,6 +298,12 @@ impl Node {
         })
     }
 
+    /// Connections to peers of `role` whose handshake completed.
+    fn ready_conns(&self, role: Role) -> Vec<ConnId> {
+        let ready = self.peers.iter().filter(|(_, p)| p.phase == PeerPhase::Ready(role));
+        ready.map(|(conn, _)| *conn).collect()
+    }
+
     /// Connections whose handshake completed.
     pub fn ready_peers(&self) -> usize {
         self.peers.values().filter(|p| p.is_ready()).count()

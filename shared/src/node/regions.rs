@@ -222,13 +222,7 @@ impl Node {
 
     /// An agent asks the hubs it is connected to which regions hold `heads`.
     pub(super) fn ask_hubs_for_regions(&mut self, doc_id: DocId, heads: &[ChangeHash], needed: u8) {
-        let hubs: Vec<ConnId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.phase == PeerPhase::Ready(Role::Hub))
-            .map(|(c, _)| *c)
-            .collect();
-        for conn in hubs {
+        for conn in self.ready_conns(Role::Hub) {
             let heads = heads.iter().map(|h| h.0).collect();
             self.send(conn, Message::WatchRegions { doc_id, heads, regions: needed });
         }

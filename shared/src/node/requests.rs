@@ -6,14 +6,13 @@ use automerge::{Automerge, ChangeHash, LoadOptions, OnPartialLoad, ReadDoc};
 
 use super::cache::{Deferred, Residence};
 use super::{
-    Added, ConnId, Node, Output, Request, RequestError, RequestId, Response, StatusReport, StreamId,
+    Added, Node, Output, Request, RequestError, RequestId, Response, StatusReport, StreamId,
 };
 use crate::document::{guarded, heads_hex, parse_change_chunks, Document, DocumentError};
 use crate::durability::Durability;
 use crate::ids::{Collection, DocId};
 use crate::message::Role;
 use crate::ops::{apply_ops, Op};
-use crate::peer::PeerPhase;
 
 /// Most write streams remembered as stopped at once (see [`Node::stop_stream`]).
 const MAX_STOPPED_STREAMS: usize = 4096;
@@ -221,13 +220,7 @@ impl Node {
             _ => self.hub_acks.wait(id, doc_id, heads, regions, deadline),
         }
         if level == Durability::Hub && self.role != Role::Hub {
-            let hubs: Vec<ConnId> = self
-                .peers
-                .iter()
-                .filter(|(_, p)| p.phase == PeerPhase::Ready(Role::Hub))
-                .map(|(conn, _)| *conn)
-                .collect();
-            for conn in hubs {
+            for conn in self.ready_conns(Role::Hub) {
                 self.ask_hub_for_heads(conn, doc_id);
             }
         }
