@@ -9,8 +9,8 @@
 //!   outstanding. The state rebuilt from them tells Automerge what the settled one did: the
 //!   peer holds these heads and nothing more, so a later change goes in the first message,
 //!   with no round trip to learn what the peer has;
-//! - offered: we sent our heads and have heard nothing back. Such a state holds nothing else
-//!   and is rebuilt exactly.
+//! - offered: we sent our heads and have heard nothing back. Such a state holds nothing but
+//!   those heads and the ones both sides were known to share, and is rebuilt exactly.
 
 use std::collections::BTreeMap;
 
@@ -32,8 +32,16 @@ enum Entry {
     Live(Box<sync::State>),
     /// Both sides held exactly these heads when the last message was exchanged.
     Settled(Settled),
-    /// We sent the peer these heads, with no changes, and have heard nothing back.
-    Offered(Box<[ChangeHash]>),
+    /// We sent the peer our heads, with no changes, and have heard nothing back.
+    Offered(Offered),
+}
+
+#[derive(Debug)]
+struct Offered {
+    /// The heads both sides were known to share when the offer went.
+    shared: Box<[ChangeHash]>,
+    /// The heads we sent.
+    sent: Box<[ChangeHash]>,
 }
 
 #[derive(Debug)]
@@ -81,7 +89,7 @@ impl SyncStates {
         let rebuilt = match entry {
             Entry::Live(_) => None,
             Entry::Settled(settled) => Some(settled.rebuilt()),
-            Entry::Offered(heads) => Some(rebuilt_offer(heads)),
+            Entry::Offered(offered) => Some(offered.rebuilt()),
         };
         if let Some(state) = rebuilt {
             *entry = Entry::Live(Box::new(state));
@@ -116,7 +124,7 @@ impl SyncStates {
         match self.entries.get(doc_id)? {
             Entry::Live(state) => Some(&state.shared_heads),
             Entry::Settled(settled) => Some(&settled.heads),
-            Entry::Offered(_) => Some(&[]),
+            Entry::Offered(offered) => Some(&offered.shared),
         }
     }
 
@@ -128,8 +136,10 @@ impl SyncStates {
         let Entry::Live(state) = entry else { return true };
         let compact = match Settled::of(state, ours) {
             Some(settled) => Entry::Settled(settled),
-            None if is_bare_offer(state) => Entry::Offered(state.last_sent_heads.as_slice().into()),
-            None => return false,
+            None => match Offered::of(state) {
+                Some(offered) => Entry::Offered(offered),
+                None => return false,
+            },
         };
         *entry = compact;
         self.live -= 1;
@@ -157,7 +167,11 @@ impl SyncStates {
                     state.shared_heads = settled.heads.into_vec();
                     state
                 }
-                Entry::Offered(_) => return None,
+                Entry::Offered(offered) => {
+                    let mut state = sync::State::new();
+                    state.shared_heads = offered.shared.into_vec();
+                    state
+                }
             };
             (!state.shared_heads.is_empty()).then(|| (doc_id, state.encode()))
         })
@@ -202,27 +216,34 @@ impl Settled {
     }
 }
 
-/// True for the state an empty one becomes once it has sent our heads without changes
-/// and heard nothing: it holds nothing but those heads and two flags.
-fn is_bare_offer(state: &sync::State) -> bool {
-    state.have_responded
-        && state.in_flight
-        && !state.last_sent_heads.is_empty()
-        && state.shared_heads.is_empty()
-        && state.their_heads.is_none()
-        && state.their_need.is_none()
-        && state.their_have.is_none()
-        && state.sent_hashes.is_empty()
-        && state.their_capabilities.is_none()
-        && !(state.read_only || state.peer_read_only || state.needs_reset)
-}
+impl Offered {
+    /// The state a fresh one (empty, or resumed from shared heads) becomes once it has sent
+    /// our heads without changes and heard nothing: it holds nothing but both sets of heads
+    /// and two flags.
+    fn of(state: &sync::State) -> Option<Self> {
+        let bare = state.have_responded
+            && state.in_flight
+            && !state.last_sent_heads.is_empty()
+            && state.their_heads.is_none()
+            && state.their_need.is_none()
+            && state.their_have.is_none()
+            && state.sent_hashes.is_empty()
+            && state.their_capabilities.is_none()
+            && !(state.read_only || state.peer_read_only || state.needs_reset);
+        bare.then(|| Self {
+            shared: state.shared_heads.as_slice().into(),
+            sent: state.last_sent_heads.as_slice().into(),
+        })
+    }
 
-fn rebuilt_offer(heads: &[ChangeHash]) -> sync::State {
-    let mut state = sync::State::new();
-    state.last_sent_heads = heads.to_vec();
-    state.have_responded = true;
-    state.in_flight = true;
-    state
+    fn rebuilt(&self) -> sync::State {
+        let mut state = sync::State::new();
+        state.shared_heads = self.shared.to_vec();
+        state.last_sent_heads = self.sent.to_vec();
+        state.have_responded = true;
+        state.in_flight = true;
+        state
+    }
 }
 
 const ALL_CAPABILITIES: [Capability; 3] =
@@ -334,7 +355,7 @@ mod tests {
     #[test]
     fn an_unanswered_offer_is_kept_as_its_heads_and_rebuilt_exactly() {
         let doc_id = doc_id(5);
-        let a = doc_with("a");
+        let mut a = doc_with("a");
         let mut states = SyncStates::default();
         let offer = a.generate_sync_message(states.live(doc_id)).unwrap();
         assert!(offer.changes.is_empty(), "a first message carries no changes");
@@ -345,6 +366,19 @@ mod tests {
         assert_eq!(*states.live(doc_id), before);
         // Nothing new to say, as before.
         assert!(a.generate_sync_message(states.live(doc_id)).is_none());
+
+        // An offer resumed from the heads both sides shared is kept whole too.
+        let mut resumed = sync::State::new();
+        resumed.shared_heads = a.get_heads();
+        states.insert(doc_id, resumed);
+        let mut tx = a.transaction();
+        tx.put(ROOT, "later", 2).unwrap();
+        tx.commit();
+        assert!(a.generate_sync_message(states.live(doc_id)).unwrap().changes.is_empty());
+        let before = states.live(doc_id).clone();
+        assert!(states.compact(&doc_id, &a.get_heads()));
+        assert_eq!(states.shared_heads(&doc_id), Some(before.shared_heads.as_slice()));
+        assert_eq!(*states.live(doc_id), before);
     }
 
     #[test]
